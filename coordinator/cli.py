@@ -1,0 +1,79 @@
+"""moe-swarm: the client side of the swarm.
+
+moe-swarm bootstrap            run a DHT bootstrap node, print its multiaddrs
+moe-swarm demo                 local swarm + tokens through it + equality check
+moe-swarm bench layer          one layer call: swarm vs in-process vs hivemind
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import add_layer_args
+    from .demo import add_demo_args
+
+    parser = argparse.ArgumentParser(prog="moe-swarm", description="Run MoE models on a swarm of expert peers.")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bootstrap", help="run a standalone DHT node that peers and coordinators join")
+    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    b.add_argument("--port", type=int, default=0, help="TCP port (0 picks a free one)")
+    b.add_argument("--ready-file", type=Path, default=None, help="write the multiaddrs here as JSON once up")
+    add_demo_args(sub.add_parser("demo", help="start a local swarm, push tokens through it, compare with local"))
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
+    return parser
+
+
+def run_bootstrap(args: argparse.Namespace) -> int:
+    import threading
+
+    from hivemind import DHT
+
+    dht = DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"])
+    maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    print("DHT bootstrap node is up. Join it with:", flush=True)
+    print("  --initial-peers " + " ".join(maddrs), flush=True)
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"maddrs": maddrs, "pid": os.getpid()}))
+        os.replace(tmp, args.ready_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    dht.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    if args.command == "bootstrap":
+        return run_bootstrap(args)
+    # demo and bench share 2-4 cores with the peers they start: one torch thread here stops
+    # OpenMP spin-waiting from starving them (measured: 16-token layer calls 87 ms -> 12 ms)
+    import torch
+
+    torch.set_num_threads(1)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    if args.command == "bench" and args.bench == "layer":
+        from .bench import run_layer_bench
+
+        result = run_layer_bench(args)
+        print(json.dumps(result, indent=2))
+        return 0
+    raise AssertionError(args)

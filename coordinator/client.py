@@ -1,0 +1,76 @@
+"""SwarmClient: the coordinator's connection to a swarm (DHT node, swarm view, channels, dispatcher)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import torch
+from hivemind import DHT
+
+from protos import DEFAULT_MAX_MESSAGE_BYTES
+
+from .loop import LoopThread
+from .router import Dispatcher
+from .swarm import SwarmView
+from .transport import Channels
+
+
+class SwarmClient:
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        uids: Sequence[str],
+        *,
+        refresh_period: float = 5.0,
+        timeout: float = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        host: str = "127.0.0.1",
+    ) -> None:
+        # client_mode: a coordinator reads the DHT but stores nobody's records
+        self.dht = DHT(
+            initial_peers=list(initial_peers), client_mode=True, start=True, host_maddrs=[f"/ip4/{host}/tcp/0"]
+        )
+        self.io = LoopThread()
+        self.swarm = SwarmView(self.dht, uids, refresh_period)
+        self.channels = Channels(max_message_bytes)
+        self.dispatcher = Dispatcher(self.swarm, self.channels, timeout)
+        self.io.run(self._start())
+
+    async def _start(self) -> None:
+        await self.swarm.refresh()
+        self.swarm.start()
+
+    def wait_for_experts(self, uids: Sequence[str] | None = None, timeout: float = 30.0) -> None:
+        """Block until every uid has a live replica (peers announce a moment after they start)."""
+        uids = list(uids or self.swarm.uids)
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [u for u in uids if not self.swarm.replicas(u)]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(missing)} experts have no live replica after {timeout}s, e.g. {missing[0]}")
+            self.io.run(self.swarm.refresh())
+            time.sleep(0.2)
+
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype) -> torch.Tensor:
+        return self.io.run(self.dispatcher.dispatch(x, experts, uids, dtype))
+
+    def close(self) -> None:
+        async def _stop() -> None:
+            await self.swarm.stop()
+            await self.channels.close()
+
+        try:
+            self.io.run(asyncio.wait_for(_stop(), 5))
+        finally:
+            self.io.close()
+            self.dht.shutdown()
+
+    def __enter__(self) -> SwarmClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

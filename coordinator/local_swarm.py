@@ -1,0 +1,123 @@
+"""Start a swarm of real processes on 127.0.0.1: a DHT bootstrap node and peers.
+
+Used by the demo, the benchmarks and the integration tests. Every process runs in its
+own session so its helpers (hivemind's p2pd) die with it; everything started is stopped
+on close, by process group, even after errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int, group: bool = False) -> None:
+        """Signal the process, or its whole group (it and its p2pd) to emulate a machine dying."""
+        if self.alive():
+            (os.killpg if group else os.kill)(self.pid, sig)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LocalSwarm:
+    def __init__(self, workdir: str | Path | None = None, start_timeout: float = 90.0) -> None:
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="moe-swarm-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.start_timeout = start_timeout
+        self.processes: list[Process] = []
+        self.initial_peers: list[str] = []
+
+    def _spawn(self, name: str, argv: list[str]) -> Process:
+        ready = self.workdir / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        log_path = self.workdir / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                [sys.executable, *argv, "--ready-file", str(ready)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        proc = Process(name, popen, log_path)
+        self.processes.append(proc)
+        deadline = time.monotonic() + self.start_timeout
+        while not ready.exists():
+            if not proc.alive():
+                raise LaunchError(f"{name} exited with {popen.returncode} before it was ready:\n{proc.log_tail()}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{name} not ready after {self.start_timeout}s:\n{proc.log_tail()}")
+            time.sleep(0.05)
+        proc.info = json.loads(ready.read_text())
+        return proc
+
+    def start_bootstrap(self) -> Process:
+        proc = self._spawn("bootstrap", ["-m", "coordinator", "bootstrap"])
+        self.initial_peers = proc.info["maddrs"]
+        return proc
+
+    def start_peer(self, name: str, *peer_args: str) -> Process:
+        if not self.initial_peers:
+            raise LaunchError("start the bootstrap node before peers")
+        return self._spawn(name, ["-m", "peer", "serve", *peer_args, "--initial-peers", *self.initial_peers])
+
+    def stop(self, proc: Process, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signal a process (group) and wait; SIGKILL if it does not exit in time."""
+        proc.signal(sig, group=sig == signal.SIGKILL)
+        try:
+            return proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.signal(signal.SIGKILL, group=True)
+            return proc.popen.wait(10)
+        finally:
+            # reap anything left in its group (e.g. p2pd) once the leader is gone
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            proc.signal(signal.SIGTERM)  # all leave in parallel, then each is awaited
+        for proc in reversed(self.processes):
+            self.stop(proc, signal.SIGTERM, timeout=15)
+        self.processes.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

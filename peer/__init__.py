@@ -1,0 +1,1 @@
+"""The volunteer node: hosts a few experts and serves them over gRPC. Imports protos only."""

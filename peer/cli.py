@@ -1,0 +1,162 @@
+"""moe-peer: host experts for the swarm.
+
+moe-peer serve --checkpoint DIR --experts 0:0-3,1:* --initial-peers /ip4/.../p2p/...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS, __version__
+from protos.records import PeerRecord, PeerState
+from protos.toy_model import ToyConfig
+
+from .experts import HostedExperts
+
+log = logging.getLogger("moe-peer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-peer", description="Host experts of a MoE model for the swarm.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve experts over gRPC and announce them in the DHT")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="moe-swarm checkpoint folder (moe_swarm.json + safetensors)")
+    src.add_argument("--seed", type=int, help="build the toy model from this seed instead of a checkpoint")
+    s.add_argument("--layers", type=int, default=2, help="with --seed: number of MoE layers")
+    s.add_argument("--num-experts", type=int, default=8, help="with --seed: experts per layer")
+    s.add_argument("--hidden", type=int, default=256, help="with --seed: hidden size")
+    s.add_argument("--ffn", type=int, default=512, help="with --seed: expert FFN size")
+    s.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="with --seed: weight dtype"
+    )
+    s.add_argument("--experts", default="*", help="which experts to host: LAYERS:EXPERTS items, e.g. '0:0-3,1:*'")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind the gRPC server (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one)")
+    s.add_argument("--announce-host", default=None, help="address others dial to reach this peer (default --host)")
+    s.add_argument("--dht-port", type=int, default=0, help="TCP port of this peer's DHT node (0 picks one)")
+    s.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT nodes to join")
+    s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT refreshes")
+    s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight work may finish on leave")
+    s.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="most token rows per request")
+    s.add_argument(
+        "--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message accepted or sent"
+    )
+    s.add_argument(
+        "--ready-file", type=Path, default=None, help="write endpoint/peer id JSON here once serving (for launchers)"
+    )
+    s.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def load_experts(args: argparse.Namespace, device: torch.device) -> HostedExperts:
+    if args.checkpoint is not None:
+        return HostedExperts.from_checkpoint(args.checkpoint, args.experts, device)
+    config = ToyConfig(
+        num_layers=args.layers, num_experts=args.num_experts, hidden_dim=args.hidden, ffn_dim=args.ffn, dtype=args.dtype
+    )
+    return HostedExperts.from_seed(config, args.seed, args.experts, device)
+
+
+def write_ready_file(path: Path, info: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)  # atomic: a launcher never reads half a file
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from hivemind import DHT
+
+    from .announce import Announcer
+    from .server import ExpertServicer, start_server
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    experts = load_experts(args, device)
+    throughput = experts.measure_throughput()
+    dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/{args.dht_port}"], start=True)
+    peer_id = dht.peer_id.to_base58()
+    servicer = ExpertServicer(
+        experts, peer_id=peer_id, max_rows=args.max_rows, max_message_bytes=args.max_message_bytes
+    )
+    server, port = await start_server(servicer, args.host, args.port, args.max_message_bytes)
+    endpoint = f"{args.announce_host or args.host}:{port}"
+
+    def record() -> PeerRecord:
+        return PeerRecord(
+            endpoint=endpoint,
+            state=servicer.state,
+            load=servicer.load,
+            throughput=throughput,
+            device=str(device),
+            version=__version__,
+        )
+
+    announcer = Announcer(dht, experts.uids, record, period=args.announce_period)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        servicer.state = PeerState.ONLINE
+        await announcer.announce()
+        announcer.start()
+        log.info(
+            "serving %d experts of %s at %s (peer %s, %s, %.0f tokens/s/expert)",
+            len(experts.uids),
+            experts.model_id,
+            endpoint,
+            peer_id,
+            device,
+            throughput,
+        )
+        if args.ready_file:
+            write_ready_file(
+                args.ready_file,
+                {
+                    "endpoint": endpoint,
+                    "peer_id": peer_id,
+                    "pid": os.getpid(),
+                    "model_id": experts.model_id,
+                    "experts": experts.uids,
+                },
+            )
+        await stop.wait()
+        log.info("leaving: draining in-flight requests (up to %.0fs)", args.drain_timeout)
+        servicer.state = PeerState.DRAINING
+        await announcer.stop_refreshing()
+        await announcer.announce()  # readers stop choosing us while in-flight work finishes
+        await server.stop(grace=args.drain_timeout)
+        await announcer.withdraw()
+        log.info("withdrawn from the DHT; served %d requests", servicer.served_requests)
+    finally:
+        await server.stop(grace=None)
+        servicer.close()
+        dht.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import uvloop
+
+    try:
+        uvloop.run(serve(args))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"moe-peer: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,164 @@
+"""grpc.aio ExpertService: validate every request before compute, then run it on the device.
+
+Status codes are part of the contract: NOT_FOUND (expert not hosted here),
+INVALID_ARGUMENT (shape/dtype/bytes wrong), RESOURCE_EXHAUSTED (over a size limit),
+DEADLINE_EXCEEDED (the caller's deadline passed before the answer), UNAVAILABLE (draining),
+INTERNAL (our fault; the message never leaks internals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS, PROTOCOL, __version__, grpc_options, tensors
+from protos import expert_service_pb2 as pb
+from protos import expert_service_pb2_grpc as pb_grpc
+from protos.records import PeerState
+
+from .experts import HostedExperts
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request refused before compute, with the status the caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ExpertServicer(pb_grpc.ExpertServiceServicer):
+    def __init__(
+        self,
+        experts: HostedExperts,
+        *,
+        peer_id: str = "",
+        max_rows: int = DEFAULT_MAX_ROWS,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.experts = experts
+        self.peer_id = peer_id
+        self.max_rows = max_rows
+        self.max_message_bytes = max_message_bytes
+        self.state = PeerState.JOINING
+        self.load = 0  # token rows admitted and not yet answered
+        self.served_requests = 0
+        self.served_rows = 0
+        # one compute thread per device: the event loop keeps parsing and validating meanwhile
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=True, cancel_futures=True)
+
+    def validate(self, request: pb.ForwardRequest) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+        if not request.segments:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no segments")
+        segments = []
+        for seg in request.segments:
+            if seg.expert_uid not in self.experts.slots:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"expert {seg.expert_uid!r} is not hosted here")
+            if seg.num_rows == 0:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"segment {seg.expert_uid!r} has 0 rows")
+            segments.append((seg.expert_uid, seg.num_rows))
+        rows = sum(r for _, r in segments)
+        if rows > self.max_rows:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"request carries {rows} rows; this peer takes <= {self.max_rows}"
+            )
+        hidden = self.experts.config.hidden_dim
+        want_dtype = tensors.dtype_name(self.experts.dtype)
+        inp = request.inputs
+        if inp.dtype != want_dtype:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"inputs dtype is {inp.dtype!r}; these experts take {want_dtype!r}"
+            )
+        if list(inp.shape) != [rows, hidden]:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"inputs shape is {list(inp.shape)}; segments need [{rows}, {hidden}]",
+            )
+        try:
+            x = tensors.decode(inp, max_bytes=self.max_message_bytes)
+        except tensors.TensorCodecError as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        return x, segments
+
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        received = time.perf_counter()
+        admitted = 0
+        try:
+            if self.state is not PeerState.ONLINE:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state.value}")
+            x, segments = self.validate(request)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
+            admitted = x.shape[0]
+            self.load += admitted
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            out = await loop.run_in_executor(self._compute, self.experts.forward, x, segments)
+            done = time.perf_counter()
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during compute")
+            self.served_requests += 1
+            self.served_rows += admitted
+            return pb.ForwardResponse(
+                request_id=request.request_id,
+                outputs=tensors.encode(out),
+                queue_ms=(started - received) * 1e3,
+                compute_ms=(done - started) * 1e3,
+            )
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            raise  # the client went away or its deadline fired: nothing to answer
+        except Exception:
+            log.exception("Forward failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error while computing experts")
+        finally:
+            self.load -= admitted
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        cfg = self.experts.config
+        return pb.InfoResponse(
+            version=__version__,
+            protocol=PROTOCOL,
+            peer_id=self.peer_id,
+            model_id=self.experts.model_id,
+            experts=[
+                pb.ExpertInfo(
+                    uid=uid, hidden_dim=cfg.hidden_dim, ffn_dim=cfg.ffn_dim, dtype=cfg.dtype, kind=self.experts.kind
+                )
+                for uid in self.experts.uids
+            ],
+            max_message_bytes=self.max_message_bytes,
+            max_rows=self.max_rows,
+            device=str(self.experts.device),
+            state=self.state.value,
+            requests_served=self.served_requests,
+            rows_served=self.served_rows,
+        )
+
+
+async def start_server(
+    servicer: ExpertServicer, host: str, port: int, max_message_bytes: int
+) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=grpc_options(max_message_bytes))
+    pb_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port} (in use or not a local address)")
+    await server.start()
+    return server, bound

@@ -1,0 +1,89 @@
+"""DHT keys and the record a peer announces for each expert it hosts.
+
+Layout: one DHT dictionary key per expert uid, one subkey per hosting peer (the peer's
+id), value = PeerRecord.to_dict(). Several peers can host the same expert; each owns
+only its own subkey.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+UID_SEPARATOR = "/"
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_ENDPOINT_LEN = 256
+
+
+class PeerState(StrEnum):
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+    LEFT = "left"  # tombstone written on leave so every reader drops the peer at once
+
+    @property
+    def serving(self) -> bool:
+        return self is PeerState.ONLINE
+
+
+def expert_uid(model_id: str, layer: int, expert: int) -> str:
+    if not _MODEL_ID_RE.match(model_id):
+        raise ValueError(f"invalid model id {model_id!r}")
+    if layer < 0 or expert < 0:
+        raise ValueError(f"layer and expert must be >= 0, got {layer}, {expert}")
+    return f"{model_id}{UID_SEPARATOR}{layer}{UID_SEPARATOR}{expert}"
+
+
+def parse_expert_uid(uid: str) -> tuple[str, int, int]:
+    """(model_id, layer, expert) of a uid; ValueError with the reason otherwise."""
+    parts = uid.split(UID_SEPARATOR)
+    if len(parts) != 3 or not _MODEL_ID_RE.match(parts[0]) or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"malformed expert uid {uid!r}; expected '<model_id>/<layer>/<expert>'")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What a peer says about itself under each expert key it hosts."""
+
+    endpoint: str  # host:port of its gRPC server
+    state: PeerState
+    load: int  # token rows queued or in flight right now
+    throughput: float  # tokens/s the peer measured for itself (0 = unknown)
+    device: str
+    version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> PeerRecord:
+        """Strict parse of an untrusted DHT value; ValueError names what is wrong."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"peer record must be a dict, got {type(raw).__name__}")
+        expected = {f for f in cls.__dataclass_fields__}
+        if set(raw) != expected:
+            raise ValueError(f"peer record fields {sorted(raw)} != {sorted(expected)}")
+        endpoint = raw["endpoint"]
+        if not isinstance(endpoint, str) or not 0 < len(endpoint) <= MAX_ENDPOINT_LEN or ":" not in endpoint:
+            raise ValueError(f"bad endpoint {endpoint!r}")
+        load, throughput = raw["load"], raw["throughput"]
+        if not isinstance(load, int) or load < 0:
+            raise ValueError(f"bad load {load!r}")
+        if not isinstance(throughput, int | float) or throughput < 0:
+            raise ValueError(f"bad throughput {throughput!r}")
+        for name in ("device", "version"):
+            if not isinstance(raw[name], str) or len(raw[name]) > 64:
+                raise ValueError(f"bad {name} {raw[name]!r}")
+        return cls(
+            endpoint=endpoint,
+            state=PeerState(raw["state"]),
+            load=load,
+            throughput=float(throughput),
+            device=raw["device"],
+            version=raw["version"],
+        )

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny seeded checkpoint and a real local swarm (processes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.client import SwarmClient
+from coordinator.local_swarm import LocalSwarm
+from protos import toy_model
+from protos.toy_model import ToyConfig
+
+# hidden 64 keeps compute tiny; 8 experts, top-2 like Mixtral
+TINY = ToyConfig(num_layers=2, num_experts=8, hidden_dim=64, ffn_dim=128, top_k=2)
+REFRESH_PERIOD = 1.0
+PEER_SPECS = {"peer-a": "*:0-3", "peer-b": "*:4-7"}
+MAX_ROWS = 4096
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    # the test process shares 2 cores with the peers it starts (see coordinator/cli.py)
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    toy_model.save_checkpoint(path, TINY, seed=7)
+    return path
+
+
+@pytest.fixture(scope="session")
+def swarm(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
+    with LocalSwarm(tmp_path_factory.mktemp("swarm")) as s:
+        s.start_bootstrap()
+        for name, spec in PEER_SPECS.items():
+            s.start_peer(
+                name,
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--experts",
+                spec,
+                "--threads",
+                "1",
+                "--announce-period",
+                "2",
+                "--max-rows",
+                str(MAX_ROWS),
+                "--max-message-bytes",
+                str(MAX_MESSAGE_BYTES),
+            )
+        yield s
+
+
+@pytest.fixture(scope="session")
+def client(swarm: LocalSwarm, tiny_checkpoint: Path):
+    uids = toy_model.read_manifest(tiny_checkpoint).uids()
+    with SwarmClient(swarm.initial_peers, uids, refresh_period=REFRESH_PERIOD, timeout=20) as c:
+        c.wait_for_experts(timeout=60)
+        yield c
+
+
+def peer(swarm: LocalSwarm, name: str):
+    return next(p for p in swarm.processes if p.name == name)

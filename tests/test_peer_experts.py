@@ -1,0 +1,55 @@
+"""The peer's expert compute equals Mixtral's SwiGLU expert for any segment layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peer.experts import HostedExperts
+from protos import toy_model
+from protos.records import expert_uid
+from protos.toy_model import ToyConfig
+
+
+@pytest.mark.parametrize("ffn", [48, 30])  # 30: not 16-byte aligned, takes the per-expert loop
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [(0, 0, 3), (0, 2, 1), (0, 3, 5)],  # what coordinators send: one layer, increasing experts
+        [(0, 3, 2), (0, 1, 4)],  # out of order
+        [(0, 1, 2), (0, 1, 3)],  # the same expert twice
+        [(1, 0, 2), (0, 2, 2), (1, 3, 1)],  # several layers in one request
+    ],
+)
+def test_forward_equals_reference(ffn, layout):
+    cfg = ToyConfig(num_layers=2, num_experts=4, hidden_dim=16, ffn_dim=ffn)
+    state = toy_model.build_state_dict(cfg, seed=3)
+    hosted = HostedExperts.from_seed(cfg, 3, "*:0-3", torch.device("cpu"))
+    segments = [(expert_uid(hosted.model_id, layer, e), rows) for layer, e, rows in layout]
+    x = torch.randn(sum(r for _, _, r in layout), cfg.hidden_dim, generator=torch.Generator().manual_seed(0))
+    got = hosted.forward(x, segments)
+    want, start = [], 0
+    for layer, e, rows in layout:
+        ws = [state[toy_model.expert_key(layer, e, p)] for p in toy_model.EXPERT_PARAMS]
+        want.append(toy_model.swiglu_expert(x[start : start + rows], *ws))
+        start += rows
+    assert (got - torch.cat(want)).abs().max().item() <= 1e-5
+
+
+def test_only_assigned_experts_are_loaded(tmp_path):
+    cfg = ToyConfig(num_layers=2, num_experts=4, hidden_dim=16, ffn_dim=32)
+    toy_model.save_checkpoint(tmp_path, cfg, seed=1)
+    hosted = HostedExperts.from_checkpoint(tmp_path, "1:2-3", torch.device("cpu"))
+    assert [toy_model.read_manifest(tmp_path).uids().index(u) for u in hosted.uids] == [6, 7]
+    assert list(hosted.layers) == [1] and hosted.layers[1].w13.shape == (2, 16, 64)
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    cfg = ToyConfig(num_layers=1, num_experts=2, hidden_dim=8, ffn_dim=8)
+    toy_model.save_checkpoint(tmp_path, cfg, seed=1)
+    other = toy_model.build_state_dict(cfg, seed=2)
+    from safetensors.torch import save_file
+
+    save_file(other, str(tmp_path / toy_model.WEIGHTS))  # same names and shapes, other values
+    with pytest.raises(ValueError, match="manifest digest"):
+        HostedExperts.from_checkpoint(tmp_path, "*", torch.device("cpu"))
