@@ -7,6 +7,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import torch
 import uvloop
 
 T = TypeVar("T")
@@ -15,10 +16,14 @@ T = TypeVar("T")
 class LoopThread:
     def __init__(self, name: str = "moe-swarm-io") -> None:
         self.loop = uvloop.new_event_loop()
+        # OpenMP thread counts are per thread: without this the loop thread's tensor work
+        # (gather, encode, scatter) would use the default pool and spin against the caller's
+        self._torch_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        torch.set_num_threads(self._torch_threads)
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 

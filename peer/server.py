@@ -51,8 +51,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.load = 0  # token rows admitted and not yet answered
         self.served_requests = 0
         self.served_rows = 0
-        # one compute thread per device: the event loop keeps parsing and validating meanwhile
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
+        # one compute thread per device: the event loop keeps parsing and validating meanwhile.
+        # OpenMP thread counts are per thread, so the compute thread takes the process's setting.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute",
+                                           initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
 
     def close(self) -> None:
         self._compute.shutdown(wait=True, cancel_futures=True)
