@@ -76,14 +76,18 @@ def write_ready_file(path: Path, info: dict) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    experts = load_experts(args, device)  # first: configuration errors surface before anything starts
+
     from hivemind import DHT
 
     from .announce import Announcer
     from .server import ExpertServicer, start_server
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    experts = load_experts(args, device)
     throughput = experts.measure_throughput()
+    # Ctrl-C in a terminal signals the whole process group: p2pd (a Go program) keeps an
+    # inherited SIG_IGN, so it stays up until we have drained and withdrawn our records
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/{args.dht_port}"], start=True)
     peer_id = dht.peer_id.to_base58()
     servicer = ExpertServicer(
