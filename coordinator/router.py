@@ -44,7 +44,7 @@ class PeerCall:
 
     replica: Replica
     segments: list[tuple[str, int]] = field(default_factory=list)
-    positions: list[torch.Tensor] = field(default_factory=list)  # indices into the flat (token, slot) list
+    positions: list[torch.Tensor] = field(default_factory=list)  # indices into the slot-major (slot, token) list
 
 
 @dataclass
@@ -96,9 +96,9 @@ class Dispatcher:
         least = min(r.record.load for r in replicas)
         return random.choice([r for r in replicas if r.record.load == least])
 
-    async def _call(self, call: PeerCall, x: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    async def _call(self, call: PeerCall, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         positions = torch.cat(call.positions)
-        rows = x.index_select(0, positions // k).to(dtype)
+        rows = x.index_select(0, positions % x.shape[0]).to(dtype)
         request = pb.ForwardRequest(
             request_id=uuid.uuid4().hex,
             segments=[pb.Segment(expert_uid=u, num_rows=n) for u, n in call.segments],
@@ -128,12 +128,16 @@ class Dispatcher:
     async def dispatch(
         self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype
     ) -> torch.Tensor:
-        """x [T, H], experts [T, k] -> expert outputs [T, k, H] (row t, slot j = expert experts[t, j] of x[t])."""
+        """x [T, H], experts [T, k] -> expert outputs [T, k, H] (row t, slot j = expert experts[t, j] of x[t]).
+
+        Each expert's rows are sent slot-major ((slot, token) order), the order in which
+        transformers' eager MoE gathers them, so a peer runs the very GEMM a local model would.
+        """
         num_tokens, k = experts.shape
-        flat = experts.reshape(-1)
+        flat = experts.T.reshape(-1)
         calls = self.plan(flat, uids)
-        outputs = await asyncio.gather(*(self._call(c, x, k, dtype) for c in calls))
-        result = torch.empty(num_tokens * k, x.shape[-1], dtype=dtype)
+        outputs = await asyncio.gather(*(self._call(c, x, dtype) for c in calls))
+        result = torch.empty(k * num_tokens, x.shape[-1], dtype=dtype)
         for call, out in zip(calls, outputs, strict=True):
             result.index_copy_(0, torch.cat(call.positions), out)
             self.stats.rpcs_by_peer[call.replica.peer_id] += 1
@@ -142,4 +146,4 @@ class Dispatcher:
         self.stats.rpcs += len(calls)
         self.stats.routed += flat.numel()
         self.stats.exact += flat.numel()
-        return result.view(num_tokens, k, -1)
+        return result.view(k, num_tokens, -1).transpose(0, 1)

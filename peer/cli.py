@@ -13,14 +13,18 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS, __version__
+from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS, __version__, tensors
 from protos.records import PeerRecord, PeerState
 from protos.toy_model import ToyConfig
 
 from .experts import HostedExperts
+
+if TYPE_CHECKING:
+    from .hf_experts import HFHostedExperts
 
 log = logging.getLogger("moe-peer")
 
@@ -30,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve experts over gRPC and announce them in the DHT")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="moe-swarm checkpoint folder (moe_swarm.json + safetensors)")
+    src.add_argument("--model", type=Path, help="Hugging Face MoE checkpoint folder (config.json + safetensors)")
+    src.add_argument("--checkpoint", type=Path, help="moe-swarm toy checkpoint folder (moe_swarm.json + safetensors)")
     src.add_argument("--seed", type=int, help="build the toy model from this seed instead of a checkpoint")
     s.add_argument("--layers", type=int, default=2, help="with --seed: number of MoE layers")
     s.add_argument("--num-experts", type=int, default=8, help="with --seed: experts per layer")
@@ -60,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_experts(args: argparse.Namespace, device: torch.device) -> HostedExperts:
+def load_experts(args: argparse.Namespace, device: torch.device) -> HostedExperts | HFHostedExperts:
+    if args.model is not None:
+        from .hf_experts import HFHostedExperts
+
+        dtype = tensors.dtype_from_name(args.dtype) if args.dtype else None
+        return HFHostedExperts.from_checkpoint(args.model, args.experts, device, dtype)
     if args.checkpoint is not None:
         return HostedExperts.from_checkpoint(args.checkpoint, args.experts, device)
     config = ToyConfig(
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         uvloop.run(serve(args))
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         print(f"moe-peer: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -83,8 +83,13 @@ class HostedExperts:
 
     kind = "swiglu"
 
-    def __init__(self, manifest: Manifest, layers: dict[int, LayerExperts], slots: dict[str, tuple[int, int]],
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        layers: dict[int, LayerExperts],
+        slots: dict[str, tuple[int, int]],
+        device: torch.device,
+    ) -> None:
         self.manifest = manifest
         self.layers = layers
         self.slots = slots  # uid -> (layer, slot in that layer's stack)
@@ -97,6 +102,14 @@ class HostedExperts:
     @property
     def config(self) -> ToyConfig:
         return self.manifest.config
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.hidden_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.config.ffn_dim
 
     @property
     def model_id(self) -> str:
@@ -164,7 +177,7 @@ class HostedExperts:
     def measure_throughput(self, rows: int = 128, repeats: int = 3) -> float:
         """Tokens/s of one hosted expert on this device: announced so clients can weigh load."""
         experts = next(iter(self.layers.values()))
-        x = torch.randn(rows, self.config.hidden_dim).to(self.device, self.dtype)
+        x = torch.randn(rows, self.hidden_dim).to(self.device, self.dtype)
         with torch.inference_mode():
             experts.one(0, x)  # warm-up
             if self.device.type == "cuda":

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -21,7 +22,9 @@ from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.records import PeerState
 
-from .experts import HostedExperts
+if TYPE_CHECKING:
+    from .experts import HostedExperts
+    from .hf_experts import HFHostedExperts
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class RequestError(Exception):
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
     def __init__(
         self,
-        experts: HostedExperts,
+        experts: HostedExperts | HFHostedExperts,
         *,
         peer_id: str = "",
         max_rows: int = DEFAULT_MAX_ROWS,
@@ -53,8 +56,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.served_rows = 0
         # one compute thread per device: the event loop keeps parsing and validating meanwhile.
         # OpenMP thread counts are per thread, so the compute thread takes the process's setting.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute",
-                                           initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self._compute = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="expert-compute",
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        )
 
     def close(self) -> None:
         self._compute.shutdown(wait=True, cancel_futures=True)
@@ -74,7 +81,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"request carries {rows} rows; this peer takes <= {self.max_rows}"
             )
-        hidden = self.experts.config.hidden_dim
+        hidden = self.experts.hidden_dim
         want_dtype = tensors.dtype_name(self.experts.dtype)
         inp = request.inputs
         if inp.dtype != want_dtype:
@@ -130,7 +137,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             self.load -= admitted
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        cfg = self.experts.config
+        dtype = tensors.dtype_name(self.experts.dtype)
         return pb.InfoResponse(
             version=__version__,
             protocol=PROTOCOL,
@@ -138,7 +145,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             model_id=self.experts.model_id,
             experts=[
                 pb.ExpertInfo(
-                    uid=uid, hidden_dim=cfg.hidden_dim, ffn_dim=cfg.ffn_dim, dtype=cfg.dtype, kind=self.experts.kind
+                    uid=uid,
+                    hidden_dim=self.experts.hidden_dim,
+                    ffn_dim=self.experts.ffn_dim,
+                    dtype=dtype,
+                    kind=self.experts.kind,
                 )
                 for uid in self.experts.uids
             ],

@@ -1,0 +1,173 @@
+"""Experts of a Hugging Face MoE checkpoint, computed by the family's own transformers module.
+
+The peer instantiates the family's `...Experts` class (on the meta device, so nothing is
+allocated for the experts it does not host), gives it stacked parameters holding only its
+experts, and calls it with each row routed to its slot with weight 1. The math is thus
+exactly transformers' (GPT-OSS clamping and biases included), and because a coordinator
+sends each expert's rows in the order transformers' eager loop gathers them, the GEMMs
+match a local run row for row.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from protos.hf_checkpoint import HFCheckpoint, expert_digest, load_manifest
+from protos.records import expert_uid
+
+from .experts import parse_expert_spec
+
+
+def experts_class(config) -> type[nn.Module]:
+    """The family's experts module class, found beside its CausalLM class."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ValueError(f"transformers has no causal LM for model_type {config.model_type!r}") from None
+    module = sys.modules[model_cls.__module__]
+    found = [
+        obj
+        for name, obj in vars(module).items()
+        if isinstance(obj, type)
+        and issubclass(obj, nn.Module)
+        and name.endswith("Experts")
+        and obj.__module__ == module.__name__
+        and name != "Llama4TextExperts"
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"model_type {config.model_type!r}: expected one routed-experts module, found "
+            f"{[c.__name__ for c in found] or 'none'} (Llama4's dense-dispatch experts are not supported)"
+        )
+    return found[0]
+
+
+class HFLayerExperts:
+    """The hosted experts of one layer inside one instance of the family's experts module."""
+
+    def __init__(self, cls: type[nn.Module], config, tensors: list[dict[str, torch.Tensor]]) -> None:
+        with torch.device("meta"):
+            module = cls(config)
+        names = {name for name, _ in module.named_parameters(recurse=False)}
+        if names != set(tensors[0]):
+            raise ValueError(f"{cls.__name__} has parameters {sorted(names)}; checkpoint gives {sorted(tensors[0])}")
+        for name in names:
+            stacked = torch.stack([t[name] for t in tensors])
+            setattr(module, name, nn.Parameter(stacked, requires_grad=False))
+        module.num_experts = len(tensors)  # slots 0..n-1 index the hosted experts only
+        self.module = module.eval()
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        return self.module(x, slots.view(-1, 1), ones)
+
+
+class HFHostedExperts:
+    """Same interface as peer.experts.HostedExperts, for Hugging Face checkpoints."""
+
+    def __init__(
+        self,
+        model_id: str,
+        model_type: str,
+        hidden_dim: int,
+        ffn_dim: int,
+        dtype: torch.dtype,
+        layers: dict[int, HFLayerExperts],
+        slots: dict[str, tuple[int, int]],
+        device: torch.device,
+    ) -> None:
+        self.model_id = model_id
+        self.kind = model_type
+        self.hidden_dim = hidden_dim
+        self.ffn_dim = ffn_dim
+        self.dtype = dtype
+        self.layers = layers
+        self.slots = slots
+        self.device = device
+
+    @property
+    def uids(self) -> list[str]:
+        return list(self.slots)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, spec: str, device: torch.device, dtype: torch.dtype | None = None, progress: bool = True
+    ) -> HFHostedExperts:
+        from tqdm import tqdm
+        from transformers import AutoConfig
+
+        ckpt = HFCheckpoint(path)
+        manifest = load_manifest(ckpt)
+        config = AutoConfig.from_pretrained(path)
+        config = getattr(config, "text_config", None) or config
+        config._experts_implementation = "eager"  # the reference semantics; see module docstring
+        experts_cls = experts_class(config)
+        chosen = [
+            (layer, e)
+            for layer, e in parse_expert_spec(spec, max(ckpt.layers) + 1, ckpt.num_experts)
+            if (layer, e) in ckpt.experts
+        ]
+        if not chosen:
+            raise ValueError(f"expert spec {spec!r} selects none of the MoE layers {ckpt.layers}")
+        by_layer: dict[int, list[dict[str, torch.Tensor]]] = {}
+        slots = {}
+        want_dtype = dtype
+        for layer, e in tqdm(chosen, desc="loading experts", unit="expert", disable=not progress, file=sys.stderr):
+            tensors = ckpt.read_expert(layer, e)
+            if expert_digest(tensors) != manifest.digests[f"{layer}/{e}"]:
+                raise ValueError(f"expert {layer}/{e}: weights changed since the manifest was made")
+            want_dtype = want_dtype or next(iter(tensors.values())).dtype
+            on_device = {k: v.to(device=device, dtype=want_dtype) for k, v in tensors.items()}
+            by_layer.setdefault(layer, []).append(on_device)
+            slots[expert_uid(manifest.model_id, layer, e)] = (layer, len(by_layer[layer]) - 1)
+        layers = {layer: HFLayerExperts(experts_cls, config, ts) for layer, ts in by_layer.items()}
+        ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        return cls(manifest.model_id, config.model_type, config.hidden_size, ffn, want_dtype, layers, slots, device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, segments: list[tuple[str, int]]) -> torch.Tensor:
+        """Each segment's rows through its expert; a segment's rows form one GEMM, in order."""
+        x = x.to(self.device, non_blocking=True)
+        out = torch.empty_like(x)
+        by_layer: dict[int, list[tuple[int, int, int]]] = {}
+        start = 0
+        for uid, rows in segments:
+            layer, slot = self.slots[uid]
+            by_layer.setdefault(layer, []).append((start, rows, slot))
+            start += rows
+        for layer, parts in by_layer.items():
+            if len(parts) == 1 and parts[0][1] == x.shape[0]:
+                index = None
+                rows_x = x
+            else:
+                index = torch.cat([torch.arange(s, s + n, device=x.device) for s, n, _ in parts])
+                rows_x = x.index_select(0, index)
+            slots = torch.cat([torch.full((n,), slot, dtype=torch.long, device=x.device) for _, n, slot in parts])
+            y = self.layers[layer].run(rows_x, slots)
+            if index is None:
+                out = y
+            else:
+                out.index_copy_(0, index, y)
+        return out.cpu() if out.device.type != "cpu" else out
+
+    def measure_throughput(self, rows: int = 128, repeats: int = 3) -> float:
+        layer = next(iter(self.layers.values()))
+        x = torch.randn(rows, self.hidden_dim).to(self.device, self.dtype)
+        slots = torch.zeros(rows, dtype=torch.long, device=self.device)
+        layer.run(x, slots)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            layer.run(x, slots)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return rows * repeats / max(time.perf_counter() - start, 1e-9)

@@ -1,0 +1,204 @@
+"""The expert tensors of a Hugging Face MoE checkpoint, read one expert at a time.
+
+Transformers writes experts either per expert (`...experts.3.w1.weight`,
+`...experts.3.gate_proj.weight`) or stacked (`...experts.gate_up_proj` [E, ...]; GPT-OSS,
+Llama4 and Granite always). Both are read here into one canonical per-expert form, the
+slice of transformers' in-memory stacked parameters: `gate_up_proj` (gate rows then up
+rows), `down_proj`, and biases where the family has them. So the same weights give the
+same digests, hence the same model id, in either layout.
+
+Reads are partial: safetensors fetches only the requested tensors (or one slice of a
+stacked tensor), from whichever shard holds them (`model.safetensors.index.json`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+MANIFEST = "moe_swarm_manifest.json"
+MANIFEST_FORMAT = "moe-swarm-hf/1"
+
+# per-expert key names -> canonical role
+_GATE, _UP, _DOWN = "gate", "up", "down"
+_PER_EXPERT_NAMES = {"w1": _GATE, "gate_proj": _GATE, "w3": _UP, "up_proj": _UP, "w2": _DOWN, "down_proj": _DOWN}
+_PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\.(?P<expert>\d+)\."
+                            r"(?P<name>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_STACKED_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\."
+                         r"(?P<name>gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)$")
+# Granite keeps its stacked experts outside an `experts.` module
+_GRANITE_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.block_sparse_moe)\."
+                         r"(?P<name>input_linear|output_linear)\.weight$")
+_GRANITE_NAMES = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}
+_NUM_EXPERTS_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExpertSource:
+    """Where one canonical tensor of an expert lives: a whole key, or slice [e] of a stacked key."""
+
+    key: str
+    stacked: bool
+
+
+class HFCheckpoint:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.path} is not a Hugging Face checkpoint: config.json is missing")
+        self.config: dict = json.loads(config_file.read_text())
+        self.model_type: str = self.config.get("model_type", "")
+        self.key_files = self._index_keys()
+        self.experts = self._find_experts()  # (layer, expert) -> {canonical name: [ExpertSource, ...]}
+        if not self.experts:
+            raise CheckpointError(f"{self.path}: no MoE expert tensors found (model_type {self.model_type!r})")
+        self.layers = sorted({layer for layer, _ in self.experts})
+
+    @property
+    def text_config(self) -> dict:
+        return self.config.get("text_config", self.config)
+
+    @property
+    def num_experts(self) -> int:
+        for field in _NUM_EXPERTS_FIELDS:
+            if self.text_config.get(field):
+                return int(self.text_config[field])
+        raise CheckpointError(f"{self.path}: config names no expert count ({', '.join(_NUM_EXPERTS_FIELDS)})")
+
+    def _index_keys(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no *.safetensors files")
+        keys = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                keys.update(dict.fromkeys(f.keys(), file.name))
+        return keys
+
+    def _find_experts(self) -> dict[tuple[int, int], dict[str, list[ExpertSource]]]:
+        per_expert: dict[tuple[int, int], dict[str, str]] = defaultdict(dict)
+        stacked: dict[int, dict[str, str]] = defaultdict(dict)
+        for key in self.key_files:
+            if m := _PER_EXPERT_RE.match(key):
+                per_expert[int(m["layer"]), int(m["expert"])][_PER_EXPERT_NAMES[m["name"]]] = key
+            elif m := _STACKED_RE.match(key):
+                stacked[int(m["layer"])][m["name"]] = key
+            elif m := _GRANITE_RE.match(key):
+                stacked[int(m["layer"])][_GRANITE_NAMES[m["name"]]] = key
+        found: dict[tuple[int, int], dict[str, list[ExpertSource]]] = {}
+        for (layer, e), roles in per_expert.items():
+            if set(roles) != {_GATE, _UP, _DOWN}:
+                raise CheckpointError(f"{self.path}: expert {layer}/{e} lacks {({_GATE, _UP, _DOWN} - set(roles))}")
+            found[layer, e] = {
+                "gate_up_proj": [ExpertSource(roles[_GATE], False), ExpertSource(roles[_UP], False)],
+                "down_proj": [ExpertSource(roles[_DOWN], False)],
+            }
+        if stacked:
+            n = self.num_experts
+            for layer, names in stacked.items():
+                for e in range(n):
+                    found[layer, e] = {name: [ExpertSource(key, True)] for name, key in sorted(names.items())}
+        return found
+
+    def expert_keys(self) -> set[str]:
+        return {src.key for sources in self.experts.values() for srcs in sources.values() for src in srcs}
+
+    def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """The canonical tensors of one expert, reading only their bytes."""
+        try:
+            sources = self.experts[layer, expert]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no expert {layer}/{expert}") from None
+        out = {}
+        for name, srcs in sources.items():
+            parts = [self._read(src, expert) for src in srcs]
+            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return out
+
+    def _read(self, src: ExpertSource, expert: int) -> torch.Tensor:
+        with safe_open(str(self.path / self.key_files[src.key]), framework="pt") as f:
+            if src.stacked:
+                return f.get_slice(src.key)[expert].contiguous()
+            return f.get_tensor(src.key)
+
+
+def expert_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _short_name(model_type: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", model_type or "model").strip("-")[:32] or "model"
+
+
+def model_id_for(config: dict, digests: dict[str, str], model_type: str) -> str:
+    """Short name + digest of the config and the expert manifest."""
+    blob = json.dumps({"config": config, "experts": digests}, sort_keys=True).encode()
+    return f"{_short_name(model_type)}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class HFManifest:
+    model_id: str
+    digests: dict[str, str]  # "layer/expert" -> digest of its canonical tensors
+
+
+def build_manifest(ckpt: HFCheckpoint) -> HFManifest:
+    digests = {f"{layer}/{e}": expert_digest(ckpt.read_expert(layer, e)) for layer, e in sorted(ckpt.experts)}
+    return HFManifest(model_id_for(ckpt.config, digests, ckpt.model_type), digests)
+
+
+def _fingerprint(ckpt: HFCheckpoint) -> dict[str, list[int]]:
+    """Sizes and mtimes of the files the manifest was computed from: a changed file invalidates it."""
+    names = sorted(set(ckpt.key_files.values()) | {"config.json"})
+    return {n: [os.stat(ckpt.path / n).st_size, os.stat(ckpt.path / n).st_mtime_ns] for n in names}
+
+
+def load_manifest(ckpt: HFCheckpoint, cache_dir: str | Path | None = None) -> HFManifest:
+    """The checkpoint's manifest: digests every expert once (one at a time), then caches it.
+
+    The cache sits in the checkpoint folder when writable, else in `cache_dir` (or
+    ~/.cache/moe-swarm); it is recomputed whenever a weight file changes.
+    """
+    fingerprint = _fingerprint(ckpt)
+    locations = [ckpt.path / MANIFEST]
+    tag = hashlib.sha256(str(ckpt.path.resolve()).encode()).hexdigest()[:16]
+    locations.append(Path(cache_dir or Path.home() / ".cache" / "moe-swarm") / f"{tag}-{MANIFEST}")
+    for file in locations:
+        try:
+            doc = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("format") == MANIFEST_FORMAT and doc.get("files") == fingerprint:
+            return HFManifest(doc["model_id"], doc["experts"])
+    manifest = build_manifest(ckpt)
+    doc = {"format": MANIFEST_FORMAT, "model_id": manifest.model_id, "experts": manifest.digests,
+           "files": fingerprint}
+    for file in locations:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(doc, indent=1, sort_keys=True))
+            break
+        except OSError:
+            continue
+    return manifest
