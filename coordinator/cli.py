@@ -19,6 +19,7 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_layer_args
     from .demo import add_demo_args
+    from .generate import add_generate_args
 
     parser = argparse.ArgumentParser(prog="moe-swarm", description="Run MoE models on a swarm of expert peers.")
     parser.add_argument("--log-level", default="WARNING")
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     b.add_argument("--port", type=int, default=0, help="TCP port (0 picks a free one)")
     b.add_argument("--ready-file", type=Path, default=None, help="write the multiaddrs here as JSON once up")
-    add_demo_args(sub.add_parser("demo", help="start a local swarm, push tokens through it, compare with local"))
+    add_demo_args(sub.add_parser("demo", help="start a local swarm, generate through it, compare with local"))
+    add_generate_args(sub.add_parser("generate", help="generate text with a MoE model whose experts run in the swarm"))
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
     return parser
@@ -66,10 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    if args.command in ("demo", "generate"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own output is the report; keep it readable
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(args)
+    if args.command == "generate":
+        from .generate import run_generate
+
+        return run_generate(args)
     if args.command == "bench" and args.bench == "layer":
         from .bench import run_layer_bench
 

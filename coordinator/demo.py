@@ -1,8 +1,10 @@
-"""`moe-swarm demo`: a local swarm serving a toy MoE stack, tokens pushed through it, checked locally.
+"""`moe-swarm demo`: a local swarm serving a tiny Mixtral, text generated through it, checked locally.
 
-Starts a bootstrap DHT node and N peer processes on 127.0.0.1 that split the experts,
-runs batches through the stack via the swarm and in-process, prints who served what,
-latency, and the largest difference from the local computation; stops everything.
+Builds (once, seeded, cached) a tiny Mixtral-style checkpoint with a tokenizer, starts a
+bootstrap DHT node and N peer processes on 127.0.0.1 that split its experts, generates
+greedily through the swarm and with the local transformers model, and shows both token
+streams, the largest logit difference, who served what and the latency; then stops every
+process it started.
 """
 
 from __future__ import annotations
@@ -13,39 +15,32 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
-
-from protos import toy_model
-from protos.toy_model import ToyConfig
 
 from .client import SwarmClient
+from .generate import greedy
 from .local_swarm import LocalSwarm
-from .stats import percentile, time_calls
-from .toy_stack import LocalExperts, ToyMoEStack
+from .models.hf import checkpoint_info, load_swarm_model
+from .report import print_swarm_summary
 
 TOLERANCE = 1e-5
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", type=int, default=3, help="peer processes (each hosts a slice of every layer)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--family", default="mixtral", help="tiny model family (see coordinator/models/tiny.py)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batches", default="1,16,64", help="comma-separated token counts to push through")
-    p.add_argument("--repeats", type=int, default=10, help="timed stack calls per batch size")
+    p.add_argument("--prompt", default="the swarm of experts")
+    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--cache", type=Path, default=Path(".cache"), help="where the seeded checkpoint is kept")
 
 
-def ensure_checkpoint(cache: Path, config: ToyConfig, seed: int) -> Path:
-    """Build the seeded checkpoint once; reuse it while config and seed are unchanged."""
-    path = cache / f"toy-L{config.num_layers}-E{config.num_experts}-H{config.hidden_dim}-F{config.ffn_dim}-s{seed}"
-    try:
-        toy_model.read_manifest(path)
-    except (FileNotFoundError, ValueError):
-        toy_model.save_checkpoint(path, config, seed)
+def ensure_tiny_checkpoint(cache: Path, family: str, seed: int) -> Path:
+    """Build the seeded checkpoint once; reuse it afterwards."""
+    from .models.tiny import save_tiny_checkpoint
+
+    path = cache / f"tiny-{family}-s{seed}"
+    if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+        save_tiny_checkpoint(path, family, seed=seed)
     return path
 
 
@@ -56,58 +51,53 @@ def expert_slices(num_experts: int, peers: int) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     console = Console()
-    config = ToyConfig(
-        num_layers=args.layers, num_experts=args.num_experts, hidden_dim=args.hidden, ffn_dim=args.ffn, top_k=args.top_k
-    )
-    ckpt = ensure_checkpoint(args.cache, config, args.seed)
-    manifest = toy_model.read_manifest(ckpt)
+    ckpt = ensure_tiny_checkpoint(args.cache, args.family, args.seed)
+    info = checkpoint_info(ckpt)
     console.print(
-        f"[bold]model[/] {manifest.model_id}: {config.num_layers} MoE layers x {config.num_experts} "
-        f"experts, hidden {config.hidden_dim}, top-{config.top_k}  ({ckpt})"
+        f"[bold]model[/] {info.manifest.model_id}: {args.family}, MoE layers {info.checkpoint.layers}, "
+        f"{info.checkpoint.num_experts} experts each  ({ckpt})"
     )
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    local = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
     with LocalSwarm() as swarm:
         boot = swarm.start_bootstrap()
         console.print(f"bootstrap DHT node pid {boot.pid}: {swarm.initial_peers[0]}")
-        peers = {}
-        for i, spec in enumerate(expert_slices(config.num_experts, args.peers)):
-            proc = swarm.start_peer(f"peer{i}", "--checkpoint", str(ckpt), "--experts", spec, "--threads", "1")
-            peers[proc.info["peer_id"]] = (f"peer{i}", spec, proc)
-            console.print(f"peer{i} pid {proc.pid} at {proc.info['endpoint']} hosts experts {spec}")
-        local = ToyMoEStack.from_checkpoint(ckpt, LocalExperts.from_checkpoint(ckpt))
-        with SwarmClient(swarm.initial_peers, manifest.uids()) as client:
+        specs = expert_slices(info.checkpoint.num_experts, args.peers)
+        procs = swarm.start_peers(
+            {f"peer{i}": ["--model", str(ckpt), "--experts", spec, "--threads", "1"] for i, spec in enumerate(specs)}
+        )
+        names = {p.info["peer_id"]: p.name for p in procs}
+        hosted = {p.info["peer_id"]: spec for p, spec in zip(procs, specs, strict=True)}
+        for p, spec in zip(procs, specs, strict=True):
+            console.print(f"{p.name} pid {p.pid} at {p.info['endpoint']} hosts experts {spec}")
+        with SwarmClient(swarm.initial_peers, info.uids) as client:
             client.wait_for_experts()
-            remote = ToyMoEStack.from_checkpoint(ckpt, client)
-            gen = torch.Generator().manual_seed(args.seed + 1)
-            rows = []
-            worst = 0.0
-            for tokens in (int(t) for t in args.batches.split(",")):
-                x = torch.randn(tokens, config.hidden_dim, generator=gen)
-                diff = (remote(x) - local(x)).abs().max().item()
-                worst = max(worst, diff)
-                times = time_calls(lambda x=x: remote(x), args.repeats, warmup=1)
-                per_layer = [t / config.num_layers for t in times]
-                rows.append((tokens, percentile(per_layer, 50), percentile(per_layer, 95), diff))
+            remote = load_swarm_model(ckpt, client, info=info)
+            experts_here = sum(p.numel() for n, p in remote.named_parameters() if ".experts." in n)
+            with torch.inference_mode():
+                logit_diff = (remote(ids).logits - local(ids).logits).abs().max().item()
+            swarm_run = greedy(remote, ids, args.max_new_tokens)
+            local_run = greedy(local, ids, args.max_new_tokens)
             stats = client.dispatcher.stats
 
-    table = Table(title="who served what")
-    for col in ("peer", "experts", "Forward RPCs", "token rows"):
-        table.add_column(col)
-    for peer_id, (name, spec, _) in peers.items():
-        table.add_row(name, spec, str(stats.rpcs_by_peer[peer_id]), str(stats.rows_by_peer[peer_id]))
-    console.print(table)
-    lat = Table(title=f"layer call latency through the swarm ({args.repeats} stack calls each)")
-    for col in ("tokens", "p50 ms / layer", "p95 ms / layer", "max |swarm - local|"):
-        lat.add_column(col)
-    for tokens, p50, p95, diff in rows:
-        lat.add_row(str(tokens), f"{p50:.2f}", f"{p95:.2f}", f"{diff:.2e}")
-    console.print(lat)
+    new = slice(ids.shape[-1], None)
+    console.print(f"[bold]through the swarm:[/] {tokenizer.decode(swarm_run.output_ids[0, new])!r}")
+    console.print(f"[bold]local model:     [/] {tokenizer.decode(local_run.output_ids[0, new])!r}")
+    print_swarm_summary(console, stats, names, hosted)
+    same = torch.equal(swarm_run.output_ids, local_run.output_ids)
     console.print(
-        f"{stats.layer_calls} layer calls, {stats.rpcs} RPCs "
-        f"({stats.rpcs / max(stats.layer_calls, 1):.2f} per layer call, at most one per peer), "
-        f"{stats.exact}/{stats.routed} token-expert pairs computed exactly"
+        f"swarm: {swarm_run.new_tokens / swarm_run.seconds:.1f} tokens/s, local: "
+        f"{local_run.new_tokens / local_run.seconds:.1f} tokens/s; expert parameters on this machine: "
+        f"{experts_here}"
     )
-    ok = worst <= TOLERANCE
-    verdict = "[green]equal to the local computation" if ok else "[red]DIFFERS from the local computation"
-    console.print(f"{verdict}[/] (max abs diff {worst:.2e}, tolerance {TOLERANCE:g}); all processes stopped")
+    ok = same and logit_diff <= TOLERANCE
+    verdict = "[green]identical to the local model" if ok else "[red]DIFFERENT from the local model"
+    console.print(
+        f"{verdict}[/]: {swarm_run.new_tokens} greedy tokens {'equal' if same else 'differ'}, max logit "
+        f"diff {logit_diff:.2e} (tolerance {TOLERANCE:g}); all processes stopped"
+    )
     return 0 if ok else 1

@@ -59,7 +59,15 @@ class LocalSwarm:
         self.initial_peers: list[str] = []
 
     def _spawn(self, name: str, argv: list[str]) -> Process:
-        ready = self.workdir / f"{name}.ready.json"
+        proc = self._launch(name, argv)
+        self._wait_ready(proc)
+        return proc
+
+    def _ready_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.ready.json"
+
+    def _launch(self, name: str, argv: list[str]) -> Process:
+        ready = self._ready_path(name)
         ready.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -74,15 +82,20 @@ class LocalSwarm:
             )
         proc = Process(name, popen, log_path)
         self.processes.append(proc)
+        return proc
+
+    def _wait_ready(self, proc: Process) -> None:
+        ready = self._ready_path(proc.name)
         deadline = time.monotonic() + self.start_timeout
         while not ready.exists():
             if not proc.alive():
-                raise LaunchError(f"{name} exited with {popen.returncode} before it was ready:\n{proc.log_tail()}")
+                raise LaunchError(
+                    f"{proc.name} exited with {proc.popen.returncode} before it was ready:\n{proc.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise LaunchError(f"{name} not ready after {self.start_timeout}s:\n{proc.log_tail()}")
+                raise LaunchError(f"{proc.name} not ready after {self.start_timeout}s:\n{proc.log_tail()}")
             time.sleep(0.05)
         proc.info = json.loads(ready.read_text())
-        return proc
 
     def start_bootstrap(self) -> Process:
         proc = self._spawn("bootstrap", ["-m", "coordinator", "bootstrap"])
@@ -90,13 +103,33 @@ class LocalSwarm:
         return proc
 
     def start_peer(self, name: str, *peer_args: str) -> Process:
+        return self.start_peers({name: list(peer_args)})[0]
+
+    def start_peers(self, peers: dict[str, list[str]]) -> list[Process]:
+        """Start several peers at once (their imports and DHT joins overlap), then wait for all."""
         if not self.initial_peers:
             raise LaunchError("start the bootstrap node before peers")
-        return self._spawn(name, ["-m", "peer", "serve", *peer_args, "--initial-peers", *self.initial_peers])
+        procs = [
+            self._launch(name, ["-m", "peer", "serve", *args, "--initial-peers", *self.initial_peers])
+            for name, args in peers.items()
+        ]
+        for proc in procs:
+            self._wait_ready(proc)
+        return procs
 
     def stop(self, proc: Process, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         """Signal a process (group) and wait; SIGKILL if it does not exit in time."""
-        proc.signal(sig, group=sig == signal.SIGKILL)
+        return self.stop_many([proc], sig, timeout)[0]
+
+    def stop_many(self, procs: list[Process], sig: int = signal.SIGTERM, timeout: float = 30.0) -> list[int | None]:
+        """Signal all first so they leave in parallel, then wait for each."""
+        for proc in procs:
+            proc.signal(sig, group=sig == signal.SIGKILL)
+        codes = [self._reap(proc, timeout) for proc in procs]
+        self.processes = [p for p in self.processes if p not in procs]
+        return codes
+
+    def _reap(self, proc: Process, timeout: float) -> int | None:
         try:
             return proc.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -108,11 +141,7 @@ class LocalSwarm:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def close(self) -> None:
-        for proc in reversed(self.processes):
-            proc.signal(signal.SIGTERM)  # all leave in parallel, then each is awaited
-        for proc in reversed(self.processes):
-            self.stop(proc, signal.SIGTERM, timeout=15)
-        self.processes.clear()
+        self.stop_many(list(reversed(self.processes)), signal.SIGTERM, timeout=15)
         if self._tmp is not None:
             self._tmp.cleanup()
 

@@ -19,6 +19,7 @@ import torch
 
 from protos import expert_service_pb2 as pb
 from protos import tensors
+from protos.records import parse_expert_uid
 
 from .swarm import Replica, SwarmView
 from .transport import Channels
@@ -55,10 +56,14 @@ class DispatchStats:
     rpcs: int = 0
     routed: int = 0
     exact: int = 0
+    rerouted: int = 0  # the fallback policies (next issue) count here; never silently
+    dropped: int = 0
     rpc_ms: list[float] = field(default_factory=list)
+    layer_ms: dict[int, list[float]] = field(default_factory=dict)  # whole layer calls, by layer
     peer_compute_ms: list[float] = field(default_factory=list)  # as reported by the peers
     rpcs_by_peer: Counter = field(default_factory=Counter)
     rows_by_peer: Counter = field(default_factory=Counter)
+    endpoints: dict[str, str] = field(default_factory=dict)  # peer id -> endpoint it was reached at
 
 
 class Dispatcher:
@@ -133,6 +138,7 @@ class Dispatcher:
         Each expert's rows are sent slot-major ((slot, token) order), the order in which
         transformers' eager MoE gathers them, so a peer runs the very GEMM a local model would.
         """
+        started = time.perf_counter()
         num_tokens, k = experts.shape
         flat = experts.T.reshape(-1)
         calls = self.plan(flat, uids)
@@ -142,8 +148,11 @@ class Dispatcher:
             result.index_copy_(0, torch.cat(call.positions), out)
             self.stats.rpcs_by_peer[call.replica.peer_id] += 1
             self.stats.rows_by_peer[call.replica.peer_id] += out.shape[0]
+            self.stats.endpoints[call.replica.peer_id] = call.replica.record.endpoint
         self.stats.layer_calls += 1
         self.stats.rpcs += len(calls)
         self.stats.routed += flat.numel()
         self.stats.exact += flat.numel()
+        layer = parse_expert_uid(uids[0])[1]
+        self.stats.layer_ms.setdefault(layer, []).append((time.perf_counter() - started) * 1e3)
         return result.view(k, num_tokens, -1).transpose(0, 1)

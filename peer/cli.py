@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hidden", type=int, default=256, help="with --seed: hidden size")
     s.add_argument("--ffn", type=int, default=512, help="with --seed: expert FFN size")
     s.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="with --seed: weight dtype"
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: the checkpoint's; float32 with --seed)",
     )
     s.add_argument("--experts", default="*", help="which experts to host: LAYERS:EXPERTS items, e.g. '0:0-3,1:*'")
     s.add_argument("--host", default="127.0.0.1", help="address to bind the gRPC server (default 127.0.0.1)")
@@ -74,7 +77,11 @@ def load_experts(args: argparse.Namespace, device: torch.device) -> HostedExpert
     if args.checkpoint is not None:
         return HostedExperts.from_checkpoint(args.checkpoint, args.experts, device)
     config = ToyConfig(
-        num_layers=args.layers, num_experts=args.num_experts, hidden_dim=args.hidden, ffn_dim=args.ffn, dtype=args.dtype
+        num_layers=args.layers,
+        num_experts=args.num_experts,
+        hidden_dim=args.hidden,
+        ffn_dim=args.ffn,
+        dtype=args.dtype or "float32",
     )
     return HostedExperts.from_seed(config, args.seed, args.experts, device)
 

@@ -17,36 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from protos.hf_checkpoint import HFCheckpoint, expert_digest, load_manifest
+from protos.hf_checkpoint import HFCheckpoint, expert_digest, experts_class, load_manifest
 from protos.records import expert_uid
 
 from .experts import parse_expert_spec
-
-
-def experts_class(config) -> type[nn.Module]:
-    """The family's experts module class, found beside its CausalLM class."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        raise ValueError(f"transformers has no causal LM for model_type {config.model_type!r}") from None
-    module = sys.modules[model_cls.__module__]
-    found = [
-        obj
-        for name, obj in vars(module).items()
-        if isinstance(obj, type)
-        and issubclass(obj, nn.Module)
-        and name.endswith("Experts")
-        and obj.__module__ == module.__name__
-        and name != "Llama4TextExperts"
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"model_type {config.model_type!r}: expected one routed-experts module, found "
-            f"{[c.__name__ for c in found] or 'none'} (Llama4's dense-dispatch experts are not supported)"
-        )
-    return found[0]
 
 
 class HFLayerExperts:

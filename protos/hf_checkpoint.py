@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 MANIFEST = "moe_swarm_manifest.json"
 MANIFEST_FORMAT = "moe-swarm-hf/1"
@@ -202,3 +204,29 @@ def load_manifest(ckpt: HFCheckpoint, cache_dir: str | Path | None = None) -> HF
         except OSError:
             continue
     return manifest
+
+
+def experts_class(config) -> type[nn.Module]:
+    """The family's experts module class, found beside its CausalLM class."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ValueError(f"transformers has no causal LM for model_type {config.model_type!r}") from None
+    module = sys.modules[model_cls.__module__]
+    found = [
+        obj
+        for name, obj in vars(module).items()
+        if isinstance(obj, type)
+        and issubclass(obj, nn.Module)
+        and name.endswith("Experts")
+        and obj.__module__ == module.__name__
+        and name != "Llama4TextExperts"
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"model_type {config.model_type!r}: expected one routed-experts module, found "
+            f"{[c.__name__ for c in found] or 'none'} (Llama4's dense-dispatch experts are not supported)"
+        )
+    return found[0]

@@ -11,16 +11,18 @@ import pytest
 
 
 def run_peer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peer", "serve", *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-m", "peer", "serve", *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (["--checkpoint", "/nonexistent/ckpt"], "not a moe-swarm checkpoint"),
-    (["--seed", "0", "--experts", "5:0"], "outside 0..1"),
-    (["--seed", "0", "--experts", "0"], "LAYERS:EXPERTS"),
-    (["--seed", "0", "--hidden", "0"], "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--checkpoint", "/nonexistent/ckpt"], "not a moe-swarm checkpoint"),
+        (["--seed", "0", "--experts", "5:0"], "outside 0..1"),
+        (["--seed", "0", "--experts", "0"], "LAYERS:EXPERTS"),
+        (["--seed", "0", "--hidden", "0"], "must be >= 1"),
+    ],
+)
 def test_bad_configuration_exits_with_message(args, words):
     result = run_peer(*args)
     assert result.returncode == 2

@@ -11,31 +11,95 @@ from pathlib import Path
 import torch
 
 VOCAB = 320
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-               pad_token_id=1)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 
 # One small config per family; each keeps the family's own routing features switched on.
 FAMILIES: dict[str, dict] = {
     "mixtral": dict(_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
     "phimoe": dict(_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(_COMMON, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
-                      mlp_only_layers=[]),
-    "qwen3_moe": dict(_COMMON, intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                      norm_topk_prob=True, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen2_moe": dict(
+        _COMMON,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+    "qwen3_moe": dict(
+        _COMMON,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        head_dim=16,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
     "olmoe": dict(_COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2),
-    "deepseek_v2": dict(_COMMON, num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=32,
-                        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-                        n_group=2, topk_group=1, topk_method="group_limited_greedy", routed_scaling_factor=1.5,
-                        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                        num_key_value_heads=4),
-    "deepseek_v3": dict(_COMMON, num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=32,
-                        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-                        n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16,
-                        q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4),
-    "gpt_oss": dict(_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-                    sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    "deepseek_v2": dict(
+        _COMMON,
+        num_hidden_layers=3,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        topk_method="group_limited_greedy",
+        routed_scaling_factor=1.5,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        num_key_value_heads=4,
+    ),
+    "deepseek_v3": dict(
+        _COMMON,
+        num_hidden_layers=3,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        num_key_value_heads=4,
+    ),
+    "gpt_oss": dict(
+        _COMMON,
+        intermediate_size=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     "granitemoe": dict(_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
 }
 
@@ -52,8 +116,12 @@ def build_tokenizer():
         "a mixture of experts routes each token to a few experts chosen by a router",
         "volunteers host experts on home machines and coordinators run the dense trunk",
     ]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
@@ -65,7 +133,7 @@ def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
         raise ValueError(f"no tiny config for {family!r}; known: {sorted(FAMILIES)}")
     config = AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():
         # random init is N(0, 0.02): too flat for routing to matter; widen it (seeded) so
         # routers pick clearly different experts for different tokens
@@ -77,8 +145,9 @@ def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
     return model.eval()
 
 
-def save_tiny_checkpoint(path: str | Path, family: str, seed: int = 0, stacked: bool = False,
-                         dtype: torch.dtype = torch.float32, **overrides) -> Path:
+def save_tiny_checkpoint(
+    path: str | Path, family: str, seed: int = 0, stacked: bool = False, dtype: torch.dtype = torch.float32, **overrides
+) -> Path:
     path = Path(path)
     model = build_tiny_model(family, seed, dtype, **overrides)
     model.save_pretrained(path, save_original_format=not stacked)

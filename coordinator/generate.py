@@ -1,0 +1,73 @@
+"""`moe-swarm generate`: text generation with a Hugging Face MoE checkpoint whose experts run in the swarm."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from protos import tensors
+
+from .client import SwarmClient
+from .models.hf import checkpoint_info, load_swarm_model
+from .report import print_swarm_summary
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face MoE checkpoint folder (with tokenizer)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes of the swarm")
+    p.add_argument("--dtype", default=None, choices=sorted(tensors.DTYPES), help="default: the checkpoint's")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds one layer call may take")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every expert to have a replica")
+
+
+@dataclass
+class Generation:
+    prompt_ids: torch.Tensor
+    output_ids: torch.Tensor  # prompt + new tokens
+    seconds: float
+
+    @property
+    def new_tokens(self) -> int:
+        return self.output_ids.shape[-1] - self.prompt_ids.shape[-1]
+
+
+def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, streamer=None) -> Generation:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            attention_mask=torch.ones_like(input_ids),
+        )
+    return Generation(input_ids, out, time.perf_counter() - start)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer, TextStreamer
+
+    console = Console(stderr=True)
+    info = checkpoint_info(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    dtype = tensors.dtype_from_name(args.dtype) if args.dtype else None
+    with SwarmClient(args.initial_peers, info.uids, timeout=args.timeout) as client:
+        console.print(f"model {info.manifest.model_id}: waiting for {len(info.uids)} experts in the swarm")
+        client.wait_for_experts(timeout=args.wait)
+        model = load_swarm_model(args.model, client, dtype, info)
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        print(args.prompt, end="", flush=True)
+        result = greedy(model, ids, args.max_new_tokens, TextStreamer(tokenizer, skip_prompt=True))
+        print(flush=True)
+        console.print(
+            f"{result.new_tokens} tokens in {result.seconds:.2f}s: {result.new_tokens / result.seconds:.2f} tokens/s"
+        )
+        print_swarm_summary(console, client.dispatcher.stats)
+    return 0

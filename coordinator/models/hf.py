@@ -1,0 +1,136 @@
+"""Load a Hugging Face MoE checkpoint on the coordinator with its routed experts in the swarm.
+
+transformers builds the model as usual, except that the family's experts module is
+replaced, at construction, by `RemoteExperts`, which has no parameters: the dense trunk,
+routers and shared experts load from the checkpoint, the routed experts' tensors are never
+materialised here. Everything around the experts is the family's own code, so its routing
+rule (top-k softmax, sigmoid + bias + groups, shared-expert gates, ...) runs unchanged and
+`generate()` with its KV cache works as for the local model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protos.hf_checkpoint import HFCheckpoint, HFManifest, experts_class, load_manifest
+from protos.records import expert_uid
+
+from ..remote_moe import ExpertExecutor
+
+
+class RemoteExperts(nn.Module):
+    """Stands where the family's experts module stood; same call signature, no weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer: int | None = None
+        self.uids: list[str] = []
+        self.executor: ExpertExecutor | None = None
+
+    def bind(self, layer: int, uids: list[str], executor: ExpertExecutor) -> None:
+        self.layer, self.uids, self.executor = layer, uids, executor
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if self.executor is None:
+            raise RuntimeError("RemoteExperts used before load_swarm_model bound it to a layer")
+        num_experts = len(self.uids)
+        if top_k_index.numel() and int(top_k_index.max()) >= num_experts:
+            raise ValueError(f"layer {self.layer}: router chose expert {int(top_k_index.max())} of {num_experts}")
+        expert_out = self.executor.dispatch(hidden_states, top_k_index, self.uids, hidden_states.dtype)
+        # combine exactly as transformers' eager experts do: expert by expert, (slot, token)
+        # order, weight applied in the same dtypes, accumulated with index_add_
+        final = torch.zeros_like(hidden_states)
+        mask = F.one_hot(top_k_index, num_classes=num_experts).permute(2, 1, 0)
+        for expert in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist():
+            pos, tok = torch.where(mask[expert])
+            weighted = expert_out[tok, pos] * top_k_weights[tok, pos, None]
+            final.index_add_(0, tok, weighted.to(final.dtype))
+        return final
+
+
+@contextlib.contextmanager
+def _experts_replaced(cls: type[nn.Module]) -> Iterator[None]:
+    """While loading, constructing `cls` yields a RemoteExperts instead (transformers then
+    neither allocates, initialises nor loads the experts' weights)."""
+    saved = cls.__dict__.get("__new__")
+
+    def new(klass, *args, **kwargs):
+        return RemoteExperts()
+
+    cls.__new__ = new
+    try:
+        yield
+    finally:
+        # deleting an assigned __new__ leaves CPython's slot calling object.__new__ with the
+        # constructor's arguments; a plain pass-through restores normal construction
+        cls.__new__ = saved if saved is not None else _plain_new
+
+
+def _plain_new(klass, *args, **kwargs):
+    return object.__new__(klass)
+
+
+@dataclass
+class SwarmModelInfo:
+    checkpoint: HFCheckpoint
+    manifest: HFManifest
+    uids: list[str]  # every routed expert of the model, as announced in the DHT
+
+
+def checkpoint_info(path: str | Path) -> SwarmModelInfo:
+    ckpt = HFCheckpoint(path)
+    manifest = load_manifest(ckpt)
+    uids = [expert_uid(manifest.model_id, layer, e) for layer, e in sorted(ckpt.experts)]
+    return SwarmModelInfo(ckpt, manifest, uids)
+
+
+def load_swarm_model(
+    path: str | Path, executor: ExpertExecutor, dtype: torch.dtype | None = None, info: SwarmModelInfo | None = None
+) -> nn.Module:
+    """The checkpoint's causal LM with every routed-experts module running in the swarm."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    info = info or checkpoint_info(path)
+    config = AutoConfig.from_pretrained(path)
+    cls = experts_class(getattr(config, "text_config", None) or config)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the skipped expert tensors are reported as "unexpected" keys
+    try:
+        with _experts_replaced(cls):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", experts_implementation="eager")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    bound = []
+    for name, module in model.named_modules():
+        if isinstance(module, RemoteExperts):
+            layer = _layer_index(name)
+            module.bind(
+                layer,
+                [expert_uid(info.manifest.model_id, layer, e) for e in range(info.checkpoint.num_experts)],
+                executor,
+            )
+            bound.append(layer)
+    if sorted(bound) != info.checkpoint.layers:
+        raise ValueError(
+            f"MoE layers in the model {sorted(bound)} != layers with experts in the checkpoint {info.checkpoint.layers}"
+        )
+    return model.eval()
+
+
+def _layer_index(module_name: str) -> int:
+    parts = module_name.split(".")
+    for a, b in itertools.pairwise(parts):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    raise ValueError(f"cannot tell the layer of module {module_name!r}")

@@ -1,0 +1,57 @@
+"""Human-readable summaries of what the swarm did for a run (rich tables)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .router import DispatchStats
+from .stats import percentile
+
+
+def peers_table(
+    stats: DispatchStats, names: dict[str, str] | None = None, hosted: dict[str, str] | None = None
+) -> Table:
+    """Which peer served what: one row per peer that answered at least one call."""
+    names, hosted = names or {}, hosted or {}
+    table = Table(title="who served what")
+    for col in ("peer", "endpoint", "experts", "Forward RPCs", "token rows"):
+        table.add_column(col)
+    for peer_id in sorted(stats.rpcs_by_peer, key=lambda p: names.get(p, p)):
+        table.add_row(
+            names.get(peer_id, peer_id[-12:]),
+            stats.endpoints.get(peer_id, "?"),
+            hosted.get(peer_id, "?"),
+            str(stats.rpcs_by_peer[peer_id]),
+            str(stats.rows_by_peer[peer_id]),
+        )
+    return table
+
+
+def latency_table(stats: DispatchStats) -> Table:
+    table = Table(title="layer call latency through the swarm (ms)")
+    for col in ("layer", "calls", "p50", "p95", "p99"):
+        table.add_column(col, justify="right")
+    for layer in sorted(stats.layer_ms):
+        ms = stats.layer_ms[layer]
+        table.add_row(str(layer), str(len(ms)), *(f"{percentile(ms, q):.2f}" for q in (50, 95, 99)))
+    rpc = stats.rpc_ms
+    table.add_row("RPCs", str(len(rpc)), *(f"{percentile(rpc, q):.2f}" for q in (50, 95, 99)))
+    return table
+
+
+def counts_line(stats: DispatchStats) -> str:
+    per_call = stats.rpcs / max(stats.layer_calls, 1)
+    return (
+        f"{stats.layer_calls} layer calls, {stats.rpcs} RPCs ({per_call:.2f} per layer call, at most one per "
+        f"peer); token-expert pairs: {stats.routed} routed = {stats.exact} exact + {stats.rerouted} rerouted + "
+        f"{stats.dropped} dropped"
+    )
+
+
+def print_swarm_summary(
+    console: Console, stats: DispatchStats, names: dict[str, str] | None = None, hosted: dict[str, str] | None = None
+) -> None:
+    console.print(peers_table(stats, names, hosted))
+    console.print(latency_table(stats))
+    console.print(counts_line(stats))

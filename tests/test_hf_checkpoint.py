@@ -1,0 +1,55 @@
+"""Reading experts from HF checkpoints: layouts, shards, manifest cache, partial reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from coordinator.models.tiny import build_tiny_model
+from protos.hf_checkpoint import CheckpointError, HFCheckpoint, load_manifest
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = build_tiny_model("qwen2_moe", seed=0)
+    root = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(root / "per_expert")
+    model.save_pretrained(root / "stacked", save_original_format=False)
+    model.save_pretrained(root / "sharded", max_shard_size="40KB")
+    return root, model
+
+
+def test_every_layout_gives_the_same_experts_and_model_id(saved):
+    root, model = saved
+    ckpts = {name: HFCheckpoint(root / name) for name in ("per_expert", "stacked", "sharded")}
+    assert json.loads((root / "sharded" / "model.safetensors.index.json").read_text())  # really sharded
+    assert len({c.key_files[k] for c in [ckpts["sharded"]] for k in c.expert_keys()}) > 1
+    experts = model.model.layers[1].mlp.experts
+    for ckpt in ckpts.values():
+        got = ckpt.read_expert(1, 5)
+        assert torch.equal(got["gate_up_proj"], experts.gate_up_proj[5])
+        assert torch.equal(got["down_proj"], experts.down_proj[5])
+    assert len({load_manifest(c).model_id for c in ckpts.values()}) == 1
+    # shared experts are dense: never listed as routed experts
+    assert not any("shared_expert" in k for k in ckpts["per_expert"].expert_keys())
+
+
+def test_manifest_is_cached_and_invalidated_by_a_changed_file(saved, tmp_path):
+    root, _ = saved
+    ckpt = HFCheckpoint(root / "per_expert")
+    first = load_manifest(ckpt)
+    assert (root / "per_expert" / "moe_swarm_manifest.json").is_file()
+    assert load_manifest(ckpt) == first
+    other = build_tiny_model("qwen2_moe", seed=9)
+    other.save_pretrained(tmp_path / "changed")
+    assert load_manifest(HFCheckpoint(tmp_path / "changed")).model_id != first.model_id
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+        HFCheckpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
+        HFCheckpoint(tmp_path)

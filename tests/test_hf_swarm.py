@@ -1,0 +1,121 @@
+"""Real Hugging Face MoE families across real peer processes: the swarm equals the local model."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from coordinator.client import SwarmClient
+from coordinator.local_swarm import LocalSwarm
+from coordinator.models.hf import checkpoint_info, load_swarm_model
+from coordinator.models.tiny import FAMILIES, VOCAB, save_tiny_checkpoint
+from coordinator.router import ExpertUnavailableError
+
+SPECS = ["*:0-2", "*:3-5", "*:6-7"]  # three peers, each a different part of every layer's experts
+
+
+@contextmanager
+def peers_serving(swarm: LocalSwarm, ckpt: Path, specs: list[str], tag: str, *extra: str):
+    procs = swarm.start_peers(
+        {
+            f"{tag}-{i}": ["--model", str(ckpt), "--experts", spec, "--threads", "1", *extra]
+            for i, spec in enumerate(specs)
+        }
+    )
+    try:
+        yield procs
+    finally:
+        swarm.stop_many(procs, signal.SIGTERM)
+
+
+def local_model(ckpt: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
+
+
+def greedy(model, ids: torch.Tensor, n: int = 20) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+
+
+PROMPTS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+# the per-expert layout for some families, stacked (save_original_format=False) for others;
+# GPT-OSS and Granite are stacked on disk either way
+@pytest.mark.parametrize(("family", "stacked"), [(f, i % 2 == 1) for i, f in enumerate(FAMILIES)] + [("mixtral", True)])
+def test_family_through_swarm_equals_local(swarm, tmp_path, family, stacked):
+    ckpt = save_tiny_checkpoint(tmp_path / family, family, seed=1, stacked=stacked)
+    info = checkpoint_info(ckpt)
+    with (
+        peers_serving(swarm, ckpt, SPECS, family) as procs,
+        SwarmClient(swarm.initial_peers, info.uids, timeout=30) as client,
+    ):
+        client.wait_for_experts(timeout=60)
+        remote = load_swarm_model(ckpt, client, info=info)
+        local = local_model(ckpt)
+        assert sum(p.numel() for n, p in remote.named_parameters() if ".experts." in n) == 0
+        with torch.inference_mode():
+            diff = (remote(PROMPTS).logits - local(PROMPTS).logits).abs().max().item()
+        assert diff <= 1e-5
+        assert torch.equal(greedy(remote, PROMPTS[:1]), greedy(local, PROMPTS[:1]))
+        stats = client.dispatcher.stats
+        assert stats.exact == stats.routed > 0 and stats.rerouted == stats.dropped == 0
+        assert set(stats.rpcs_by_peer) == {p.info["peer_id"] for p in procs}  # every peer took part
+
+
+def test_bfloat16_greedy_tokens_identical(swarm, tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "bf16", "mixtral", seed=2, dtype=torch.bfloat16)
+    info = checkpoint_info(ckpt)
+    with peers_serving(swarm, ckpt, SPECS, "bf16"), SwarmClient(swarm.initial_peers, info.uids) as client:
+        client.wait_for_experts(timeout=60)
+        remote = load_swarm_model(ckpt, client, info=info)
+        local = local_model(ckpt)
+        assert next(remote.parameters()).dtype == torch.bfloat16
+        assert torch.equal(greedy(remote, PROMPTS[:1]), greedy(local, PROMPTS[:1]))
+
+
+def test_peer_with_other_expert_weights_is_never_used(swarm, tmp_path):
+    ours = save_tiny_checkpoint(tmp_path / "ours", "mixtral", seed=3)
+    theirs = save_tiny_checkpoint(tmp_path / "theirs", "mixtral", seed=4)  # same config, same layer/expert numbers
+    info = checkpoint_info(ours)
+    assert checkpoint_info(theirs).manifest.model_id != info.manifest.model_id
+    with (
+        peers_serving(swarm, theirs, ["*"], "impostor") as impostors,
+        SwarmClient(swarm.initial_peers, info.uids, refresh_period=0.5) as client,
+    ):
+        # only a peer with other weights: our experts have no replica at all
+        with pytest.raises(TimeoutError):
+            client.wait_for_experts(timeout=4)
+        remote = load_swarm_model(ours, client, info=info)
+        with pytest.raises(ExpertUnavailableError), torch.inference_mode():
+            remote(PROMPTS)
+        with peers_serving(swarm, ours, ["*"], "honest"):
+            client.wait_for_experts(timeout=60)
+            assert torch.equal(greedy(remote, PROMPTS[:1]), greedy(local_model(ours), PROMPTS[:1]))
+        assert impostors[0].info["peer_id"] not in client.dispatcher.stats.rpcs_by_peer
+
+
+def test_peer_memory_grows_with_its_experts_only(swarm, tmp_path):
+    # hidden 1024: one expert is 3 x 1024 x 1024 fp32 = 12 MiB, the model's 16 experts 192 MiB
+    ckpt = save_tiny_checkpoint(
+        tmp_path / "big",
+        "mixtral",
+        seed=5,
+        hidden_size=1024,
+        intermediate_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    expert_bytes = 3 * 1024 * 1024 * 4
+    with peers_serving(swarm, ckpt, ["0:0", "*"], "mem") as (one, everything):
+        rss_one = psutil.Process(one.pid).memory_info().rss
+        rss_all = psutil.Process(everything.pid).memory_info().rss
+    grown = rss_all - rss_one  # 15 experts more
+    assert 0.8 * 15 * expert_bytes <= grown <= 1.5 * 15 * expert_bytes, grown / expert_bytes
