@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,71 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
         help="also run hivemind's RemoteMixtureOfExperts on the same number of ffn experts",
     )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+
+
+def add_generate_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default="mixtral", help="tiny model family (coordinator/models/tiny.py)")
+    p.add_argument("--peers", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=256, help="hidden size of the tiny model")
+    p.add_argument("--ffn", type=int, default=512, help="expert FFN size")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+
+
+def run_generate_bench(args: argparse.Namespace) -> dict:
+    """Greedy generation tokens/s through a local swarm vs the same model run locally, same run."""
+    from transformers import AutoModelForCausalLM
+
+    from .demo import expert_slices
+    from .generate import greedy
+    from .models.hf import checkpoint_info, load_swarm_model
+    from .models.tiny import VOCAB, save_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
+        ckpt = save_tiny_checkpoint(
+            Path(tmp) / "ckpt",
+            args.family,
+            seed=0,
+            hidden_size=args.hidden,
+            intermediate_size=args.ffn,
+            num_hidden_layers=args.layers,
+        )
+        info = checkpoint_info(ckpt)
+        swarm.start_bootstrap()
+        swarm.start_peers(
+            {
+                f"peer{i}": ["--model", str(ckpt), "--experts", spec, "--threads", "1"]
+                for i, spec in enumerate(expert_slices(info.checkpoint.num_experts, args.peers))
+            }
+        )
+        ids = torch.randint(0, VOCAB, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+        local = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
+        with SwarmClient(swarm.initial_peers, info.uids, refresh_period=60) as client:
+            client.wait_for_experts()
+            remote = load_swarm_model(ckpt, client, info=info)
+            greedy(remote, ids, 4)  # warm-up: channels, allocator
+            greedy(local, ids, 4)
+            ours = greedy(remote, ids, args.max_new_tokens)
+            theirs = greedy(local, ids, args.max_new_tokens)
+            stats = client.dispatcher.stats
+        layer_ms = [ms for calls in stats.layer_ms.values() for ms in calls]
+        result = {
+            "family": args.family,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "peers": args.peers,
+            "new_tokens": ours.new_tokens,
+            "swarm_tokens_per_s": ours.new_tokens / ours.seconds,
+            "local_tokens_per_s": theirs.new_tokens / theirs.seconds,
+            "swarm_over_local": (ours.new_tokens / ours.seconds) / (theirs.new_tokens / theirs.seconds),
+            "layer_call_p50_ms": statistics.median(layer_ms),
+            "same_tokens": bool(torch.equal(ours.output_ids, theirs.output_ids)),
+        }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:

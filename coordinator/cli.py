@@ -1,8 +1,10 @@
 """moe-swarm: the client side of the swarm.
 
 moe-swarm bootstrap            run a DHT bootstrap node, print its multiaddrs
-moe-swarm demo                 local swarm + tokens through it + equality check
+moe-swarm demo                 local swarm serving a tiny Mixtral; generation through it = local model
+moe-swarm generate             generate text with a Hugging Face MoE model whose experts run in the swarm
 moe-swarm bench layer          one layer call: swarm vs in-process vs hivemind
+moe-swarm bench generate       tokens/s through a local swarm vs the same model run locally
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import add_layer_args
+    from .bench import add_generate_bench_args, add_layer_args
     from .demo import add_demo_args
     from .generate import add_generate_args
 
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_args(sub.add_parser("generate", help="generate text with a MoE model whose experts run in the swarm"))
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
+    add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
     return parser
 
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    if args.command in ("demo", "generate"):
+    if args.command in ("demo", "generate", "bench"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own output is the report; keep it readable
@@ -80,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from .generate import run_generate
 
         return run_generate(args)
-    if args.command == "bench" and args.bench == "layer":
-        from .bench import run_layer_bench
+    if args.command == "bench":
+        from . import bench
 
-        result = run_layer_bench(args)
-        print(json.dumps(result, indent=2))
+        run = bench.run_layer_bench if args.bench == "layer" else bench.run_generate_bench
+        print(json.dumps(run(args), indent=2))
         return 0
     raise AssertionError(args)

@@ -178,13 +178,18 @@ class HostedExperts:
         """Tokens/s of one hosted expert on this device: announced so clients can weigh load."""
         experts = next(iter(self.layers.values()))
         x = torch.randn(rows, self.hidden_dim).to(self.device, self.dtype)
-        with torch.inference_mode():
-            experts.one(0, x)  # warm-up
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                experts.one(0, x)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        return rows * repeats / max(time.perf_counter() - start, 1e-9)
+        return time_throughput(lambda: experts.one(0, x), rows, repeats, self.device)
+
+
+@torch.inference_mode()
+def time_throughput(step, rows: int, repeats: int, device: torch.device) -> float:
+    """Rows/s of `step` (one warm-up call, then `repeats` timed ones, synchronising CUDA)."""
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return rows * repeats / max(time.perf_counter() - start, 1e-9)

@@ -11,7 +11,6 @@ match a local run row for row.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from protos.hf_checkpoint import HFCheckpoint, expert_digest, experts_class, load_manifest
 from protos.records import expert_uid
 
-from .experts import parse_expert_spec
+from .experts import parse_expert_spec, time_throughput
 
 
 class HFLayerExperts:
@@ -136,12 +135,4 @@ class HFHostedExperts:
         layer = next(iter(self.layers.values()))
         x = torch.randn(rows, self.hidden_dim).to(self.device, self.dtype)
         slots = torch.zeros(rows, dtype=torch.long, device=self.device)
-        layer.run(x, slots)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            layer.run(x, slots)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return rows * repeats / max(time.perf_counter() - start, 1e-9)
+        return time_throughput(lambda: layer.run(x, slots), rows, repeats, self.device)
