@@ -53,7 +53,7 @@ def expert_slices(num_experts: int, peers: int) -> list[str]:
 def run_demo(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    console = Console()
+    console = Console(soft_wrap=True)  # multiaddrs and token lists stay on one line
     ckpt = ensure_tiny_checkpoint(args.cache, args.family, args.seed)
     info = checkpoint_info(ckpt)
     console.print(
@@ -85,8 +85,10 @@ def run_demo(args: argparse.Namespace) -> int:
             stats = client.dispatcher.stats
 
     new = slice(ids.shape[-1], None)
-    console.print(f"[bold]through the swarm:[/] {tokenizer.decode(swarm_run.output_ids[0, new])!r}")
-    console.print(f"[bold]local model:     [/] {tokenizer.decode(local_run.output_ids[0, new])!r}")
+    # random weights make byte-level gibberish: the token ids are what is compared
+    for label, run in (("through the swarm", swarm_run), ("local model      ", local_run)):
+        console.print(f"[bold]{label}:[/] ids {run.output_ids[0, new].tolist()}  text "
+                      f"{tokenizer.decode(run.output_ids[0, new])!r}", markup=True, highlight=False)
     print_swarm_summary(console, stats, names, hosted)
     same = torch.equal(swarm_run.output_ids, local_run.output_ids)
     console.print(
