@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from protos.hf_checkpoint import HFCheckpoint, HFManifest, experts_class, load_manifest
@@ -47,14 +46,16 @@ class RemoteExperts(nn.Module):
         if top_k_index.numel() and int(top_k_index.max()) >= num_experts:
             raise ValueError(f"layer {self.layer}: router chose expert {int(top_k_index.max())} of {num_experts}")
         expert_out = self.executor.dispatch(hidden_states, top_k_index, self.uids, hidden_states.dtype)
-        # combine exactly as transformers' eager experts do: expert by expert, (slot, token)
-        # order, weight applied in the same dtypes, accumulated with index_add_
+        # Same result, bit for bit, as transformers' eager loop (for each expert in ascending
+        # order: final.index_add_(tokens, (out * weight).to(dtype))), without a Python loop over
+        # experts: each token's contributions are added one slot at a time in ascending expert
+        # order, so every row sees the same roundings in the same sequence.
+        weighted = (expert_out * top_k_weights[..., None]).to(hidden_states.dtype)
+        by_expert = top_k_index.argsort(dim=1, stable=True)
         final = torch.zeros_like(hidden_states)
-        mask = F.one_hot(top_k_index, num_classes=num_experts).permute(2, 1, 0)
-        for expert in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist():
-            pos, tok = torch.where(mask[expert])
-            weighted = expert_out[tok, pos] * top_k_weights[tok, pos, None]
-            final.index_add_(0, tok, weighted.to(final.dtype))
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        for j in range(top_k_index.shape[1]):
+            final = final + weighted[rows, by_expert[:, j]]
         return final
 
 
