@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from hivemind import DHT
@@ -12,7 +12,7 @@ from hivemind import DHT
 from protos import DEFAULT_MAX_MESSAGE_BYTES
 
 from .loop import LoopThread
-from .router import Dispatcher
+from .router import Dispatcher, DispatchResult
 from .swarm import SwarmView
 from .transport import Channels
 
@@ -27,6 +27,8 @@ class SwarmClient:
         timeout: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         host: str = "127.0.0.1",
+        fallback: str = "error",
+        hedge: bool = True,
     ) -> None:
         # client_mode: a coordinator reads the DHT but stores nobody's records
         self.dht = DHT(
@@ -35,7 +37,7 @@ class SwarmClient:
         self.io = LoopThread()
         self.swarm = SwarmView(self.dht, uids, refresh_period)
         self.channels = Channels(max_message_bytes)
-        self.dispatcher = Dispatcher(self.swarm, self.channels, timeout)
+        self.dispatcher = Dispatcher(self.swarm, self.channels, timeout, fallback=fallback, hedge=hedge)
         self.io.run(self._start())
 
     async def _start(self) -> None:
@@ -55,8 +57,15 @@ class SwarmClient:
             self.io.run(self.swarm.refresh())
             time.sleep(0.2)
 
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype) -> torch.Tensor:
-        return self.io.run(self.dispatcher.dispatch(x, experts, uids, dtype))
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        uids: list[str],
+        dtype: torch.dtype,
+        scores: Callable[[], torch.Tensor] | None = None,
+    ) -> DispatchResult:
+        return self.io.run(self.dispatcher.dispatch(x, experts, uids, dtype, scores))
 
     def close(self) -> None:
         async def _stop() -> None:

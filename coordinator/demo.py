@@ -87,8 +87,12 @@ def run_demo(args: argparse.Namespace) -> int:
     new = slice(ids.shape[-1], None)
     # random weights make byte-level gibberish: the token ids are what is compared
     for label, run in (("through the swarm", swarm_run), ("local model      ", local_run)):
-        console.print(f"[bold]{label}:[/] ids {run.output_ids[0, new].tolist()}  text "
-                      f"{tokenizer.decode(run.output_ids[0, new])!r}", markup=True, highlight=False)
+        console.print(
+            f"[bold]{label}:[/] ids {run.output_ids[0, new].tolist()}  text "
+            f"{tokenizer.decode(run.output_ids[0, new])!r}",
+            markup=True,
+            highlight=False,
+        )
     print_swarm_summary(console, stats, names, hosted)
     same = torch.equal(swarm_run.output_ids, local_run.output_ids)
     console.print(

@@ -20,3 +20,11 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool = True) -> tupl
 def combine(expert_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """expert_out [T, k, H] and weights [T, k] -> [T, H]; summed slot by slot in a fixed order."""
     return (expert_out.float() * weights.unsqueeze(-1)).sum(dim=1).to(dtype)
+
+
+def renormalize_answered(weights: torch.Tensor, answered: torch.Tensor) -> torch.Tensor:
+    """Drop fallback: zero the weights of unanswered slots and rescale the rest to the
+    original total, per token (a token with no answered slot contributes nothing)."""
+    kept = weights * answered
+    total, kept_total = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
+    return torch.where(kept_total > 0, kept * (total / kept_total.clamp_min(torch.finfo(kept.dtype).tiny)), 0)

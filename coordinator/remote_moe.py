@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -9,11 +10,19 @@ from torch import nn
 
 from protos.records import expert_uid
 
-from .gating import combine, topk_softmax
+from .gating import combine, renormalize_answered, topk_softmax
+from .router import DispatchResult
 
 
 class ExpertExecutor(Protocol):
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype) -> torch.Tensor: ...
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        uids: list[str],
+        dtype: torch.dtype,
+        scores: Callable[[], torch.Tensor] | None = None,
+    ) -> DispatchResult: ...
 
 
 class RemoteMoE(nn.Module):
@@ -35,6 +44,9 @@ class RemoteMoE(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        weights, experts = topk_softmax(self.gate(x), self.top_k)
-        expert_out = self.executor.dispatch(x, experts, self.uids, hidden.dtype)
-        return combine(expert_out, weights, hidden.dtype).view(shape)
+        logits = self.gate(x)
+        weights, experts = topk_softmax(logits, self.top_k)
+        result = self.executor.dispatch(x, experts, self.uids, hidden.dtype, scores=lambda: logits)
+        if not result.complete:  # dropped slots: renormalise over the experts that answered
+            weights = renormalize_answered(weights, result.answered)
+        return combine(result.outputs, weights, hidden.dtype).view(shape)

@@ -3,6 +3,12 @@
 Rows are grouped by expert, experts by the replica chosen for them, and each peer gets a
 single Forward with all its segments. Outputs come back in request order and are placed
 at their (token, slot) positions, so the caller combines them in the original order.
+
+Failures never reach the user while a replica remains: one deadline covers the whole
+layer call; a failed or refused call is retried on the next replica; a call slower than
+the peer's observed p95 gets a hedged duplicate on another replica (first answer wins,
+the other is cancelled). Experts that no replica answers in time get the fallback policy
+(reroute / drop / error), and every (token, slot) is counted exact, rerouted or dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import asyncio
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,6 +28,7 @@ from protos import expert_service_pb2 as pb
 from protos import tensors
 from protos.records import parse_expert_uid
 
+from .health import HealthCache
 from .swarm import Replica, SwarmView
 from .transport import Channels
 
@@ -31,6 +39,9 @@ class DispatchError(RuntimeError):
 
 class ExpertUnavailableError(DispatchError):
     pass
+
+
+FALLBACK_POLICIES = ("reroute", "drop", "error")
 
 
 class RemoteExpertError(DispatchError):
@@ -44,8 +55,24 @@ class PeerCall:
     """The rows one peer computes in one layer call."""
 
     replica: Replica
+    experts: list[int] = field(default_factory=list)
     segments: list[tuple[str, int]] = field(default_factory=list)
     positions: list[torch.Tensor] = field(default_factory=list)  # indices into the slot-major (slot, token) list
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.segments)
+
+
+@dataclass
+class DispatchResult:
+    outputs: torch.Tensor  # [T, k, H]; rows of slots nobody answered are zero
+    answered: torch.Tensor  # [T, k] bool: False where the slot was dropped
+    experts: torch.Tensor  # [T, k] the experts that computed each slot (differs where rerouted)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.answered.all())
 
 
 @dataclass
@@ -56,8 +83,12 @@ class DispatchStats:
     rpcs: int = 0
     routed: int = 0
     exact: int = 0
-    rerouted: int = 0  # the fallback policies (next issue) count here; never silently
+    rerouted: int = 0
     dropped: int = 0
+    retries: int = 0  # experts re-sent after a failed or refused call
+    hedges: int = 0  # duplicate calls sent because the first was slower than its peer's p95
+    bans: int = 0
+    refusals: int = 0  # RESOURCE_EXHAUSTED answers (peer overloaded): retried elsewhere, no ban
     rpc_ms: list[float] = field(default_factory=list)
     layer_ms: dict[int, list[float]] = field(default_factory=dict)  # whole layer calls, by layer
     peer_compute_ms: list[float] = field(default_factory=list)  # as reported by the peers
@@ -66,42 +97,85 @@ class DispatchStats:
     endpoints: dict[str, str] = field(default_factory=dict)  # peer id -> endpoint it was reached at
 
 
+def group_by_expert(flat_experts: torch.Tensor) -> dict[int, torch.Tensor]:
+    """expert -> its positions in `flat_experts`, ascending (stable)."""
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts).tolist()
+    groups, start = {}, 0
+    for expert, rows in enumerate(counts):
+        if rows:
+            groups[expert] = order[start : start + rows]
+            start += rows
+    return groups
+
+
 class Dispatcher:
-    def __init__(self, swarm: SwarmView, channels: Channels, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        swarm: SwarmView,
+        channels: Channels,
+        timeout: float = 30.0,
+        *,
+        fallback: str = "error",
+        hedge: bool = True,
+        hedge_default_ms: float = 250.0,
+        hedge_min_ms: float = 5.0,
+        health: HealthCache | None = None,
+    ) -> None:
+        if fallback not in FALLBACK_POLICIES:
+            raise ValueError(f"fallback must be one of {FALLBACK_POLICIES}, got {fallback!r}")
         self.swarm = swarm
         self.channels = channels
-        self.timeout = timeout
+        self.timeout = timeout  # one deadline for a whole layer call: lookups, retries, hedges
+        self.fallback = fallback
+        self.hedge = hedge
+        self.hedge_default_ms = hedge_default_ms
+        self.hedge_min_ms = hedge_min_ms
+        self.health = health or HealthCache()
         self.stats = DispatchStats()
 
-    def plan(self, flat_experts: torch.Tensor, uids: list[str]) -> list[PeerCall]:
-        """Group (token, slot) positions by expert, then by chosen replica."""
-        order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=len(uids)).tolist()
-        calls: dict[str, PeerCall] = {}
-        start = 0
-        for expert, rows in enumerate(counts):
-            if rows == 0:
-                continue
-            uid = uids[expert]
-            replica = self.choose(uid, calls)
-            call = calls.setdefault(replica.peer_id, PeerCall(replica))
-            call.segments.append((uid, rows))
-            call.positions.append(order[start : start + rows])
-            start += rows
-        return list(calls.values())
+    # ---- choosing replicas -------------------------------------------------------------
+    def _cost_ms(self, replica: Replica) -> float:
+        """Expected latency: observed round trip + queued rows / announced throughput."""
+        health = self.health.get(replica.peer_id)
+        queued = replica.record.load + health.inflight_rows
+        per_row_ms = 1000.0 / replica.record.throughput if replica.record.throughput > 0 else 0.01
+        return self.health.expected_ms(replica.peer_id, default_ms=1.0) + queued * per_row_ms
 
-    def choose(self, uid: str, already: dict[str, PeerCall]) -> Replica:
-        replicas = self.swarm.replicas(uid)
+    def choose(self, uid: str, already: dict[str, PeerCall], exclude: set[str] = frozenset()) -> Replica | None:
+        replicas = [
+            r for r in self.swarm.replicas(uid) if r.peer_id not in exclude and not self.health.banned(r.peer_id)
+        ]
         if not replicas:
-            raise ExpertUnavailableError(f"no live replica of expert {uid} in the swarm")
-        # prefer a peer this call already uses (fewer RPCs), else the least loaded
+            return None
         in_call = [r for r in replicas if r.peer_id in already]
-        if in_call:
-            return in_call[0]
-        least = min(r.record.load for r in replicas)
-        return random.choice([r for r in replicas if r.record.load == least])
+        if in_call:  # fewer RPCs: one per peer per layer
+            return min(in_call, key=self._cost_ms)
+        # two random choices: close to the best, without every coordinator herding onto it
+        return min(random.sample(replicas, min(2, len(replicas))), key=self._cost_ms)
 
-    async def _call(self, call: PeerCall, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def plan(
+        self, work: dict[int, torch.Tensor], uids: list[str], exclude: dict[int, set[str]] | None = None
+    ) -> tuple[list[PeerCall], list[int]]:
+        """Assign each expert's positions to a replica; returns the calls and the experts without one."""
+        exclude = exclude or {}
+        calls: dict[str, PeerCall] = {}
+        missing = []
+        for expert in sorted(work):
+            replica = self.choose(uids[expert], calls, exclude.get(expert, set()))
+            if replica is None:
+                missing.append(expert)
+                continue
+            call = calls.setdefault(replica.peer_id, PeerCall(replica))
+            call.experts.append(expert)
+            call.segments.append((uids[expert], len(work[expert])))
+            call.positions.append(work[expert])
+        return list(calls.values()), missing
+
+    # ---- one RPC ------------------------------------------------------------------------
+    async def _call(
+        self, call: PeerCall, x: torch.Tensor, dtype: torch.dtype, deadline: float
+    ) -> tuple[torch.Tensor, float]:
         positions = torch.cat(call.positions)
         rows = x.index_select(0, positions % x.shape[0]).to(dtype)
         request = pb.ForwardRequest(
@@ -111,16 +185,16 @@ class Dispatcher:
         )
         endpoint = call.replica.record.endpoint
         started = time.perf_counter()
+        timeout = max(deadline - asyncio.get_running_loop().time(), 1e-3)
         try:
-            response = await self.channels.stub(endpoint).Forward(request, timeout=self.timeout)
+            response = await self.channels.stub(endpoint).Forward(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             uids = ", ".join(u for u, _ in call.segments)
             raise RemoteExpertError(
                 f"peer {call.replica.peer_id} at {endpoint} failed experts [{uids}]: {e.code().name}: {e.details()}",
                 e.code(),
             ) from None
-        self.stats.rpc_ms.append((time.perf_counter() - started) * 1e3)
-        self.stats.peer_compute_ms.append(response.compute_ms)
+        ms = (time.perf_counter() - started) * 1e3
         out = tensors.decode(response.outputs)
         if tuple(out.shape) != tuple(rows.shape) or out.dtype != dtype:
             raise RemoteExpertError(
@@ -128,31 +202,176 @@ class Dispatcher:
                 f"{list(rows.shape)}",
                 None,
             )
-        return out
+        self.stats.peer_compute_ms.append(response.compute_ms)
+        return out, ms
 
+    # ---- a layer call -------------------------------------------------------------------
     async def dispatch(
-        self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype
-    ) -> torch.Tensor:
-        """x [T, H], experts [T, k] -> expert outputs [T, k, H] (row t, slot j = expert experts[t, j] of x[t]).
+        self,
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        uids: list[str],
+        dtype: torch.dtype,
+        scores: Callable[[], torch.Tensor] | None = None,
+    ) -> DispatchResult:
+        """x [T, H], experts [T, k] -> outputs [T, k, H] (row t, slot j = expert experts[t, j] of x[t]).
 
         Each expert's rows are sent slot-major ((slot, token) order), the order in which
         transformers' eager MoE gathers them, so a peer runs the very GEMM a local model would.
+        `scores()` gives router scores [T, E] (higher is better) for the `reroute` fallback;
+        it is only called when some expert could not be reached.
         """
         started = time.perf_counter()
         num_tokens, k = experts.shape
-        flat = experts.T.reshape(-1)
-        calls = self.plan(flat, uids)
-        outputs = await asyncio.gather(*(self._call(c, x, dtype) for c in calls))
-        result = torch.empty(k * num_tokens, x.shape[-1], dtype=dtype)
-        for call, out in zip(calls, outputs, strict=True):
-            result.index_copy_(0, torch.cat(call.positions), out)
-            self.stats.rpcs_by_peer[call.replica.peer_id] += 1
-            self.stats.rows_by_peer[call.replica.peer_id] += out.shape[0]
-            self.stats.endpoints[call.replica.peer_id] = call.replica.record.endpoint
+        flat = experts.T.reshape(-1).clone()
+        work = group_by_expert(flat)
+        answers, tried = await self._solve(work, x, uids, dtype)
+        missing = [e for e in work if e not in answers]
+        if missing and self.fallback == "error":
+            detail = "; ".join(f"{uids[e]} (peers tried: {sorted(tried[e]) or 'none live'})" for e in missing)
+            raise ExpertUnavailableError(f"no replica answered within the {self.timeout:g}s deadline for: {detail}")
+        rerouted = 0
+        if missing and self.fallback == "reroute" and scores is not None:
+            rerouted = await self._reroute(missing, work, answers, flat, experts, x, uids, dtype, scores(), tried)
+        result = torch.zeros(k * num_tokens, x.shape[-1], dtype=dtype)
+        answered = torch.zeros(k * num_tokens, dtype=torch.bool)
+        for expert, positions in work.items():
+            if expert in answers:
+                result[positions] = answers[expert]
+                answered[positions] = True
+        dropped = int((~answered).sum())
         self.stats.layer_calls += 1
-        self.stats.rpcs += len(calls)
         self.stats.routed += flat.numel()
-        self.stats.exact += flat.numel()
+        self.stats.exact += flat.numel() - dropped - rerouted
+        self.stats.rerouted += rerouted
+        self.stats.dropped += dropped
         layer = parse_expert_uid(uids[0])[1]
         self.stats.layer_ms.setdefault(layer, []).append((time.perf_counter() - started) * 1e3)
-        return result.view(k, num_tokens, -1).transpose(0, 1)
+        return DispatchResult(
+            result.view(k, num_tokens, -1).transpose(0, 1), answered.view(k, num_tokens).T, flat.view(k, num_tokens).T
+        )
+
+    async def _reroute(self, missing, work, answers, flat, experts, x, uids, dtype, scores, tried) -> int:
+        """Give each unanswered (token, slot) the token's best-scoring expert that is not
+        already among its choices and still has a live replica; one more round, same deadline."""
+        num_tokens = experts.shape[0]
+        dead = set(missing)
+        ranked = torch.argsort(scores.float(), dim=-1, descending=True)
+        moves: dict[int, list[int]] = defaultdict(list)  # new expert -> positions
+        for expert in missing:
+            for pos in work.pop(expert).tolist():
+                token = pos % num_tokens
+                taken = set(experts[token].tolist())
+                for candidate in ranked[token].tolist():
+                    if candidate in taken or candidate in dead:
+                        continue
+                    if self.choose(uids[candidate], {}, tried.get(candidate, set())) is None:
+                        dead.add(candidate)
+                        continue
+                    moves[candidate].append(pos)
+                    break
+        if not moves:
+            return 0
+        extra = {e: torch.tensor(p) for e, p in moves.items()}
+        got, _ = await self._solve(extra, x, uids, dtype)
+        done = 0
+        base = max(work, default=-1) + 1
+        for i, (expert, positions) in enumerate(extra.items()):
+            if expert in got:  # park under a fresh key: the same expert may also hold original slots
+                work[base + i], answers[base + i] = positions, got[expert]
+                flat[positions] = expert
+                done += len(positions)
+        return done
+
+    async def _solve(
+        self, work: dict[int, torch.Tensor], x: torch.Tensor, uids: list[str], dtype: torch.dtype
+    ) -> tuple[dict[int, torch.Tensor], dict[int, set[str]]]:
+        """Get every expert of `work` answered once: retries, hedges, one deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        answers: dict[int, torch.Tensor] = {}
+        tried: dict[int, set[str]] = defaultdict(set)
+        inflight: dict[asyncio.Task, PeerCall] = {}
+        sent_at: dict[asyncio.Task, float] = {}
+        hedged: set[asyncio.Task] = set()
+
+        def covering(expert: int) -> set[str]:
+            return {c.replica.peer_id for c in inflight.values() if expert in c.experts}
+
+        def launch(todo: list[int]) -> int:
+            sub = {e: work[e] for e in todo}
+            calls, _ = self.plan(sub, uids, {e: tried[e] | covering(e) for e in todo})
+            for call in calls:
+                task = loop.create_task(self._call(call, x, dtype, deadline))
+                inflight[task], sent_at[task] = call, loop.time()
+                self.health.get(call.replica.peer_id).inflight_rows += call.rows
+            return len(calls)
+
+        launch(list(work))
+        try:
+            while inflight:
+                now = loop.time()
+                wake = deadline
+                if self.hedge:
+                    for task, call in inflight.items():
+                        if task not in hedged:
+                            delay = self.health.hedge_delay_ms(
+                                call.replica.peer_id, self.hedge_default_ms, self.hedge_min_ms
+                            )
+                            wake = min(wake, sent_at[task] + delay / 1e3)
+                done, _ = await asyncio.wait(inflight, timeout=max(wake - now, 0), return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    call = inflight.pop(task)
+                    peer = call.replica.peer_id
+                    self.health.get(peer).inflight_rows -= call.rows
+                    error = task.exception()
+                    if error is None:
+                        out, ms = task.result()
+                        self.health.get(peer).observe(ms)
+                        self.stats.rpcs += 1
+                        self.stats.rpc_ms.append(ms)
+                        self.stats.rpcs_by_peer[peer] += 1
+                        self.stats.rows_by_peer[peer] += out.shape[0]
+                        self.stats.endpoints[peer] = call.replica.record.endpoint
+                        offset = 0
+                        for expert, (_, rows) in zip(call.experts, call.segments, strict=True):
+                            answers.setdefault(expert, out[offset : offset + rows])
+                            offset += rows
+                        continue
+                    if getattr(error, "code", None) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        self.stats.refusals += 1  # overloaded, not broken: go elsewhere, no ban
+                    else:
+                        self.health.fail(peer)
+                        self.stats.bans += 1
+                    retry = [e for e in call.experts if e not in answers]
+                    for expert in retry:
+                        tried[expert].add(peer)
+                    # counted whether a hedge already covers the expert or a new call is sent
+                    self.stats.retries += len(retry)
+                    retry = [e for e in retry if not covering(e)]
+                    if retry:
+                        launch(retry)
+                if all(e in answers for e in work) or loop.time() >= deadline:
+                    break
+                if self.hedge:
+                    now = loop.time()
+                    for task, call in list(inflight.items()):
+                        delay = self.health.hedge_delay_ms(
+                            call.replica.peer_id, self.hedge_default_ms, self.hedge_min_ms
+                        )
+                        if task in hedged or now < sent_at[task] + delay / 1e3:
+                            continue
+                        hedged.add(task)
+                        todo = [e for e in call.experts if e not in answers]
+                        if todo and launch(todo):
+                            self.stats.hedges += 1
+        finally:
+            now = loop.time()
+            for task, call in inflight.items():  # losers of a hedge, or past the deadline
+                task.cancel()
+                health = self.health.get(call.replica.peer_id)
+                health.inflight_rows -= call.rows
+                health.outpaced((now - sent_at[task]) * 1e3)
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+        return answers, tried

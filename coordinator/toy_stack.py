@@ -16,6 +16,7 @@ from protos.records import expert_uid
 from protos.toy_model import EXPERT_PARAMS, Manifest
 
 from .remote_moe import ExpertExecutor, RemoteMoE
+from .router import DispatchResult
 
 
 class ToyMoEStack(nn.Module):
@@ -73,11 +74,13 @@ class LocalExperts:
         )
 
     @torch.inference_mode()
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype) -> torch.Tensor:
+    def dispatch(
+        self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype, scores=None
+    ) -> DispatchResult:
         num_tokens, k = experts.shape
         out = torch.empty(num_tokens * k, x.shape[-1], dtype=dtype)
         flat = experts.reshape(-1)
         for e in torch.unique(flat).tolist():
             positions = (flat == e).nonzero().squeeze(1)
             out[positions] = toy_model.swiglu_expert(x[positions // k].to(dtype), *self.weights[uids[e]])
-        return out.view(num_tokens, k, -1)
+        return DispatchResult(out.view(num_tokens, k, -1), torch.ones_like(experts, dtype=torch.bool), experts)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS, __version__, tensors
+from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS, __version__, tensors
 from protos.records import PeerRecord, PeerState
 from protos.toy_model import ToyConfig
 
@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT refreshes")
     s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight work may finish on leave")
     s.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="most token rows per request")
+    s.add_argument(
+        "--max-queue-rows",
+        type=int,
+        default=DEFAULT_MAX_QUEUE_ROWS,
+        help="most token rows admitted at once; beyond it requests get RESOURCE_EXHAUSTED at once",
+    )
     s.add_argument(
         "--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message accepted or sent"
     )
@@ -108,7 +114,11 @@ async def serve(args: argparse.Namespace) -> None:
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/{args.dht_port}"], start=True)
     peer_id = dht.peer_id.to_base58()
     servicer = ExpertServicer(
-        experts, peer_id=peer_id, max_rows=args.max_rows, max_message_bytes=args.max_message_bytes
+        experts,
+        peer_id=peer_id,
+        max_rows=args.max_rows,
+        max_message_bytes=args.max_message_bytes,
+        max_queue_rows=args.max_queue_rows,
     )
     server, port = await start_server(servicer, args.host, args.port, args.max_message_bytes)
     endpoint = f"{args.announce_host or args.host}:{port}"

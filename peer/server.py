@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS, PROTOCOL, __version__, grpc_options, tensors
+from protos import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_QUEUE_ROWS,
+    DEFAULT_MAX_ROWS,
+    PROTOCOL,
+    __version__,
+    grpc_options,
+    tensors,
+)
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.records import PeerState
@@ -45,10 +53,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         peer_id: str = "",
         max_rows: int = DEFAULT_MAX_ROWS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS,
     ) -> None:
         self.experts = experts
         self.peer_id = peer_id
         self.max_rows = max_rows
+        self.max_queue_rows = max_queue_rows  # admission control: rows admitted and not yet answered
         self.max_message_bytes = max_message_bytes
         self.state = PeerState.JOINING
         self.load = 0  # token rows admitted and not yet answered
@@ -109,6 +119,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
+            if self.load + x.shape[0] > self.max_queue_rows:
+                # refuse at once so the coordinator goes to another replica instead of waiting;
+                # queued work, and so memory, stays bounded under any load
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"overloaded: {self.load} rows queued, {x.shape[0]} more exceed {self.max_queue_rows}",
+                )
             admitted = x.shape[0]
             self.load += admitted
             loop = asyncio.get_running_loop()

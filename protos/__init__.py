@@ -16,6 +16,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 # so the default is well above it; a peer may configure less.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ROWS = 16384
+DEFAULT_MAX_QUEUE_ROWS = 4 * DEFAULT_MAX_ROWS  # admission control on a peer
 
 
 def grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:

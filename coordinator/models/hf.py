@@ -22,6 +22,7 @@ from torch import nn
 from protos.hf_checkpoint import HFCheckpoint, HFManifest, experts_class, load_manifest
 from protos.records import expert_uid
 
+from ..gating import renormalize_answered
 from ..remote_moe import ExpertExecutor
 
 
@@ -33,9 +34,18 @@ class RemoteExperts(nn.Module):
         self.layer: int | None = None
         self.uids: list[str] = []
         self.executor: ExpertExecutor | None = None
+        self.router: nn.Module | None = None  # the block's router: its scores rank reroute candidates
 
-    def bind(self, layer: int, uids: list[str], executor: ExpertExecutor) -> None:
+    def bind(self, layer: int, uids: list[str], executor: ExpertExecutor, router: nn.Module | None) -> None:
         self.layer, self.uids, self.executor = layer, uids, executor
+        # a plain attribute, not a submodule: the router stays where the family put it
+        object.__setattr__(self, "router", router)
+
+    def _router_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.router is None:
+            raise ValueError(f"layer {self.layer}: no router found to rank reroute candidates")
+        weight = self.router.weight
+        return torch.nn.functional.linear(hidden_states.to(weight.dtype), weight, getattr(self.router, "bias", None))
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -45,13 +55,21 @@ class RemoteExperts(nn.Module):
         num_experts = len(self.uids)
         if top_k_index.numel() and int(top_k_index.max()) >= num_experts:
             raise ValueError(f"layer {self.layer}: router chose expert {int(top_k_index.max())} of {num_experts}")
-        expert_out = self.executor.dispatch(hidden_states, top_k_index, self.uids, hidden_states.dtype)
+        result = self.executor.dispatch(
+            hidden_states,
+            top_k_index,
+            self.uids,
+            hidden_states.dtype,
+            scores=lambda: self._router_scores(hidden_states),
+        )
+        if not result.complete:  # dropped slots: renormalise over the experts that answered
+            top_k_weights = renormalize_answered(top_k_weights, result.answered)
         # Same result, bit for bit, as transformers' eager loop (for each expert in ascending
         # order: final.index_add_(tokens, (out * weight).to(dtype))), without a Python loop over
         # experts: each token's contributions are added one slot at a time in ascending expert
         # order, so every row sees the same roundings in the same sequence.
-        weighted = (expert_out * top_k_weights[..., None]).to(hidden_states.dtype)
-        by_expert = top_k_index.argsort(dim=1, stable=True)
+        weighted = (result.outputs * top_k_weights[..., None]).to(hidden_states.dtype)
+        by_expert = result.experts.argsort(dim=1, stable=True)
         final = torch.zeros_like(hidden_states)
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
         for j in range(top_k_index.shape[1]):
@@ -116,10 +134,20 @@ def load_swarm_model(
     for name, module in model.named_modules():
         if isinstance(module, RemoteExperts):
             layer = _layer_index(name)
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            router = next(
+                (
+                    m
+                    for m in (getattr(parent, "gate", None), getattr(parent, "router", None))
+                    if isinstance(getattr(m, "weight", None), torch.Tensor)
+                ),
+                None,
+            )
             module.bind(
                 layer,
                 [expert_uid(info.manifest.model_id, layer, e) for e in range(info.checkpoint.num_experts)],
                 executor,
+                router,
             )
             bound.append(layer)
     if sorted(bound) != info.checkpoint.layers:
