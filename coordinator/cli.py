@@ -17,6 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
+from .router import DispatchError
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_generate_bench_args, add_layer_args
@@ -66,11 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "bootstrap":
         return run_bootstrap(args)
-    # demo and bench share 2-4 cores with the peers they start: one torch thread here stops
-    # OpenMP spin-waiting from starving them (measured: 16-token layer calls 87 ms -> 12 ms)
-    import torch
+    if args.command in ("demo", "bench"):
+        # these share the machine's cores with the peers they start: one torch thread here
+        # stops OpenMP spin-waiting from starving them (16-token layer calls 87 ms -> 12 ms)
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
+    try:
+        return run_command(args)
+    except (DispatchError, TimeoutError, ValueError, FileNotFoundError) as e:
+        print(f"moe-swarm: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command in ("demo", "generate", "bench"):
         from transformers.utils import logging as hf_logging
 

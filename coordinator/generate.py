@@ -15,6 +15,7 @@ from protos import tensors
 from .client import SwarmClient
 from .models.hf import checkpoint_info, load_swarm_model
 from .report import print_swarm_summary
+from .router import FALLBACK_POLICIES
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +26,14 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(tensors.DTYPES), help="default: the checkpoint's")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one layer call may take")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every expert to have a replica")
+    p.add_argument(
+        "--fallback",
+        default="reroute",
+        choices=FALLBACK_POLICIES,
+        help="when no replica of an expert answers in time: use the token's next-best expert, drop it "
+        "(renormalise over the others), or stop with an error; every case is counted",
+    )
+    p.add_argument("--no-hedge", action="store_true", help="never send hedged duplicates to a second replica")
 
 
 @dataclass
@@ -58,9 +67,16 @@ def run_generate(args: argparse.Namespace) -> int:
     info = checkpoint_info(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = tensors.dtype_from_name(args.dtype) if args.dtype else None
-    with SwarmClient(args.initial_peers, info.uids, timeout=args.timeout) as client:
+    with SwarmClient(
+        args.initial_peers, info.uids, timeout=args.timeout, fallback=args.fallback, hedge=not args.no_hedge
+    ) as client:
         console.print(f"model {info.manifest.model_id}: waiting for {len(info.uids)} experts in the swarm")
-        client.wait_for_experts(timeout=args.wait)
+        try:
+            client.wait_for_experts(timeout=args.wait)
+        except TimeoutError as e:
+            if args.fallback == "error":
+                raise
+            console.print(f"[yellow]warning:[/] {e}; continuing with the {args.fallback} fallback")
         model = load_swarm_model(args.model, client, dtype, info)
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         print(args.prompt, end="", flush=True)

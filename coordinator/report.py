@@ -45,7 +45,8 @@ def counts_line(stats: DispatchStats) -> str:
     return (
         f"{stats.layer_calls} layer calls, {stats.rpcs} RPCs ({per_call:.2f} per layer call, at most one per "
         f"peer); token-expert pairs: {stats.routed} routed = {stats.exact} exact + {stats.rerouted} rerouted + "
-        f"{stats.dropped} dropped"
+        f"{stats.dropped} dropped; {stats.retries} retries, {stats.hedges} hedges, {stats.bans} bans, "
+        f"{stats.refusals} overload refusals"
     )
 
 

@@ -119,3 +119,23 @@ def test_peer_memory_grows_with_its_experts_only(swarm, tmp_path):
         rss_all = psutil.Process(everything.pid).memory_info().rss
     grown = rss_all - rss_one  # 15 experts more
     assert 0.8 * 15 * expert_bytes <= grown <= 1.5 * 15 * expert_bytes, grown / expert_bytes
+
+
+@pytest.mark.parametrize("policy", ["reroute", "drop"])
+def test_generation_completes_without_an_expert_and_says_so(swarm, tmp_path, policy):
+    ckpt = save_tiny_checkpoint(tmp_path / "partial", "qwen3_moe", seed=6)
+    info = checkpoint_info(ckpt)
+    with (
+        peers_serving(swarm, ckpt, ["*:0-6"], f"partial-{policy}"),
+        SwarmClient(swarm.initial_peers, info.uids, timeout=5, fallback=policy) as client,
+    ):
+        client.wait_for_experts([u for u in info.uids if not u.endswith("/7")], timeout=60)
+        remote = load_swarm_model(ckpt, client, info=info)
+        out = greedy(remote, PROMPTS[:1], 12)
+        stats = client.dispatcher.stats
+    assert out.shape[-1] == PROMPTS.shape[-1] + 12
+    assert stats.routed == stats.exact + stats.rerouted + stats.dropped
+    if policy == "reroute":
+        assert stats.rerouted > 0 and stats.dropped == 0
+    else:
+        assert stats.dropped > 0 and stats.rerouted == 0

@@ -45,7 +45,10 @@ class RemoteExperts(nn.Module):
         if self.router is None:
             raise ValueError(f"layer {self.layer}: no router found to rank reroute candidates")
         weight = self.router.weight
-        return torch.nn.functional.linear(hidden_states.to(weight.dtype), weight, getattr(self.router, "bias", None))
+        with torch.no_grad():  # called on the dispatcher's thread, where grad mode is not the caller's
+            return torch.nn.functional.linear(
+                hidden_states.to(weight.dtype), weight, getattr(self.router, "bias", None)
+            )
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
