@@ -108,6 +108,71 @@ def run_generate_bench(args: argparse.Namespace) -> dict:
     return result
 
 
+def add_straggler_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--calls", type=int, default=60, help="timed layer calls per configuration")
+    p.add_argument("--deadline", type=float, default=2.0, help="layer-call deadline in seconds")
+    p.add_argument("--json", type=Path, default=None)
+
+
+def run_straggler_bench(args: argparse.Namespace) -> dict:
+    """Layer-call latency with 4 peers (every expert on 2 of them), with and without one
+    stalled peer (SIGSTOP), hedging on and off, all in one run."""
+    import signal as signals
+
+    from .stats import percentile
+
+    config = ToyConfig(num_layers=1, num_experts=8, hidden_dim=args.hidden, ffn_dim=2 * args.hidden, top_k=2)
+    x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
+        ckpt = Path(tmp) / "ckpt"
+        toy_model.save_checkpoint(ckpt, config, seed=0)
+        swarm.start_bootstrap()
+        peers = swarm.start_peers(
+            {
+                f"peer{i}": ["--checkpoint", str(ckpt), "--experts", spec, "--threads", "1"]
+                for i, spec in enumerate(["*:0-3", "*:0-3", "*:4-7", "*:4-7"])
+            }
+        )
+        uids = toy_model.read_manifest(ckpt).uids()
+        for straggler in (False, True):
+            for hedge in (True, False):
+                with (
+                    SwarmClient(
+                        swarm.initial_peers,
+                        uids,
+                        refresh_period=60,
+                        timeout=args.deadline,
+                        hedge=hedge,
+                        fallback="drop",
+                    ) as client,
+                    torch.inference_mode(),
+                ):
+                    client.wait_for_experts()
+                    layer = ToyMoEStack.from_checkpoint(ckpt, client).layers[0]
+                    time_calls(lambda layer=layer: layer(x), 30, warmup=0)  # learn each peer's latency
+                    if straggler:
+                        peers[0].signal(signals.SIGSTOP)
+                    try:
+                        ms = time_calls(lambda layer=layer: layer(x), args.calls, warmup=0)
+                    finally:
+                        peers[0].signal(signals.SIGCONT)
+                    stats = client.dispatcher.stats
+                name = f"{'straggler' if straggler else 'healthy'}_{'hedge' if hedge else 'nohedge'}"
+                results[name] = {
+                    "p50_ms": percentile(ms, 50),
+                    "p99_ms": percentile(ms, 99),
+                    "hedges": stats.hedges,
+                    "dropped": stats.dropped,
+                    "retries": stats.retries,
+                }
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
 def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:
     from hivemind import DHT
     from hivemind.moe.client.moe import RemoteMixtureOfExperts

@@ -21,7 +21,7 @@ from .router import DispatchError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import add_generate_bench_args, add_layer_args
+    from .bench import add_generate_bench_args, add_layer_args, add_straggler_bench_args
     from .demo import add_demo_args
     from .generate import add_generate_args
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
     add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
+    add_straggler_bench_args(bench.add_parser("straggler", help="layer latency with a stalled peer, hedging on/off"))
     return parser
 
 
@@ -97,7 +98,11 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from . import bench
 
-        run = bench.run_layer_bench if args.bench == "layer" else bench.run_generate_bench
+        run = {
+            "layer": bench.run_layer_bench,
+            "generate": bench.run_generate_bench,
+            "straggler": bench.run_straggler_bench,
+        }[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0
     raise AssertionError(args)

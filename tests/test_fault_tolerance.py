@@ -85,6 +85,7 @@ def toy_ckpt(tmp_path_factory):
     return path
 
 
+@torch.inference_mode()
 def reference(ckpt, x, layer=0):
     return ToyMoEStack.from_checkpoint(ckpt, LocalExperts.from_checkpoint(ckpt)).layers[layer](x)
 
@@ -193,3 +194,38 @@ def test_overloaded_peer_refuses_and_work_goes_elsewhere(swarm, toy_ckpt):
     assert stats.refusals > 0 and stats.bans == 0  # refused, served elsewhere, not banned
     assert stats.rpcs_by_peer[small.info["peer_id"]] > 0  # it still served what it could take
     assert rss_after - rss_before < 64 << 20  # bounded queue: no pile-up in memory
+
+
+def test_graceful_leave_under_load_fails_no_request(swarm, toy_ckpt):
+    import threading
+
+    manifest = toy_model.read_manifest(toy_ckpt)
+    leaving, staying = toy_peers(swarm, toy_ckpt, {"leave-a": "*", "leave-b": "*"})
+    x = torch.randn(32, TINY.hidden_dim, generator=torch.Generator().manual_seed(5))
+    want = reference(toy_ckpt, x)
+    errors, outputs, stop = [], [], threading.Event()
+    with SwarmClient(swarm.initial_peers, manifest.uids(), timeout=20, fallback="error") as client:
+        client.wait_for_experts(timeout=60)
+        layer = ToyMoEStack.from_checkpoint(toy_ckpt, client).layers[0]
+
+        def load():
+            with torch.inference_mode():
+                while not stop.is_set():
+                    try:
+                        outputs.append(layer(x))
+                    except Exception as e:  # any failure reaching the user fails the test
+                        errors.append(e)
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        time.sleep(1.0)
+        before = len(outputs)
+        assert swarm.stop(leaving, signal.SIGTERM) == 0  # drains in-flight requests, withdraws, exits 0
+        time.sleep(1.0)
+        stop.set()
+        worker.join(30)
+        stats = client.dispatcher.stats
+    swarm.stop_many([staying])
+    assert not errors and len(outputs) > before > 0
+    assert all((out - want).abs().max().item() <= 1e-5 for out in outputs)
+    assert stats.exact == stats.routed and stats.dropped == stats.rerouted == 0
