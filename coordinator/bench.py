@@ -9,6 +9,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from protos import toy_model
 from protos.toy_model import ToyConfig
 
 from .client import SwarmClient
+from .gating import topk_softmax
 from .local_swarm import LocalSwarm
 from .stats import summary, time_calls
 from .toy_stack import LocalExperts, ToyMoEStack
@@ -171,6 +173,84 @@ def run_straggler_bench(args: argparse.Namespace) -> dict:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
+
+
+def add_saturation_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=64, help="tokens per layer call (x top-2 rows)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=16, help="layer calls in flight at once")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--json", type=Path, default=None)
+
+
+def run_saturation_bench(args: argparse.Namespace) -> dict:
+    """Rows/s one peer serves with many layer calls in flight vs its experts' raw rows/s in-process."""
+    import asyncio
+
+    from .toy_stack import LocalExperts
+
+    config = ToyConfig(
+        num_layers=1, num_experts=8, hidden_dim=args.hidden, ffn_dim=max(8, round(8 * args.hidden / 24) * 8), top_k=2
+    )
+    x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
+        ckpt = Path(tmp) / "ckpt"
+        toy_model.save_checkpoint(ckpt, config, seed=0)
+        # raw: the same expert math in this process, one big batch (all experts' rows at once)
+        local = ToyMoEStack.from_checkpoint(ckpt, LocalExperts.from_checkpoint(ckpt)).layers[0]
+        with torch.inference_mode():
+            _, experts = topk_softmax(local.gate(x), 2)
+        raw = _raw_rows_per_s(ckpt, args.tokens * 2 * args.concurrency, args.hidden)  # before the swarm starts
+        swarm.start_bootstrap()
+        swarm.start_peer("peer0", "--checkpoint", str(ckpt), "--experts", "*")
+        with SwarmClient(
+            swarm.initial_peers, toy_model.read_manifest(ckpt).uids(), refresh_period=60, hedge=False
+        ) as client:
+            client.wait_for_experts()
+            dispatcher, uids = client.dispatcher, local.uids
+
+            async def worker(stop_at: float) -> int:
+                rows = 0
+                while time.perf_counter() < stop_at:
+                    await dispatcher.dispatch(x, experts, uids, x.dtype)
+                    rows += experts.numel()
+                return rows
+
+            async def saturate() -> float:
+                stop_at = time.perf_counter() + args.seconds
+                start = time.perf_counter()
+                rows = sum(await asyncio.gather(*(worker(stop_at) for _ in range(args.concurrency))))
+                return rows / (time.perf_counter() - start)
+
+            with torch.inference_mode():
+                client.io.run(saturate())  # warm-up
+                served = client.io.run(saturate())
+    result = {
+        "rows_per_call": experts.numel(),
+        "concurrency": args.concurrency,
+        "served_rows_per_s": served,
+        "raw_rows_per_s": raw,
+        "served_over_raw": served / raw,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _raw_rows_per_s(ckpt: Path, rows: int, hidden: int) -> float:
+    """The experts' own throughput: a subprocess with torch's default threads, like the peer."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch,time;from peer.experts import HostedExperts;"
+        f"h=HostedExperts.from_checkpoint({str(ckpt)!r},'*',torch.device('cpu'));"
+        f"x=torch.randn({rows},{hidden});n=len(h.uids);s=[(u,{rows}//n) for u in h.uids];"
+        f"x=x[:sum(r for _,r in s)];h.forward(x,s);t=time.perf_counter();[h.forward(x,s) for _ in range(10)];"
+        "print(x.shape[0]*10/(time.perf_counter()-t))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:

@@ -21,7 +21,7 @@ from .router import DispatchError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import add_generate_bench_args, add_layer_args, add_straggler_bench_args
+    from .bench import add_generate_bench_args, add_layer_args, add_saturation_bench_args, add_straggler_bench_args
     from .demo import add_demo_args
     from .generate import add_generate_args
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
     add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
     add_straggler_bench_args(bench.add_parser("straggler", help="layer latency with a stalled peer, hedging on/off"))
+    add_saturation_bench_args(bench.add_parser("saturation", help="rows/s a saturated peer serves vs raw compute"))
     return parser
 
 
@@ -102,6 +103,7 @@ def run_command(args: argparse.Namespace) -> int:
             "layer": bench.run_layer_bench,
             "generate": bench.run_generate_bench,
             "straggler": bench.run_straggler_bench,
+            "saturation": bench.run_saturation_bench,
         }[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0

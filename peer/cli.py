@@ -57,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT refreshes")
     s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight work may finish on leave")
+    s.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=4096,
+        help="most token rows the device computes in one merged batch of requests",
+    )
+    s.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="wait this long for more requests before computing (0: batch only what is queued)",
+    )
     s.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="most token rows per request")
     s.add_argument(
         "--max-queue-rows",
@@ -119,6 +131,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_rows=args.max_rows,
         max_message_bytes=args.max_message_bytes,
         max_queue_rows=args.max_queue_rows,
+        max_batch_rows=args.max_batch_rows,
+        batch_wait_ms=args.batch_wait_ms,
     )
     server, port = await start_server(servicer, args.host, args.port, args.max_message_bytes)
     endpoint = f"{args.announce_host or args.host}:{port}"

@@ -30,6 +30,8 @@ from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.records import PeerState
 
+from .batcher import DeadlineMissed, MicroBatcher
+
 if TYPE_CHECKING:
     from .experts import HostedExperts
     from .hf_experts import HFHostedExperts
@@ -54,6 +56,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         max_rows: int = DEFAULT_MAX_ROWS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS,
+        max_batch_rows: int = 4096,
+        batch_wait_ms: float = 0.0,
     ) -> None:
         self.experts = experts
         self.peer_id = peer_id
@@ -72,8 +76,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             initializer=torch.set_num_threads,
             initargs=(torch.get_num_threads(),),
         )
+        self.batcher = MicroBatcher(experts, self._compute, max_batch_rows, batch_wait_ms)
 
     def close(self) -> None:
+        self.batcher.cancel()
         self._compute.shutdown(wait=True, cancel_futures=True)
 
     def validate(self, request: pb.ForwardRequest) -> tuple[torch.Tensor, list[tuple[str, int]]]:
@@ -110,7 +116,6 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return x, segments
 
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
-        received = time.perf_counter()
         admitted = 0
         try:
             if self.state is not PeerState.ONLINE:
@@ -128,10 +133,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 )
             admitted = x.shape[0]
             self.load += admitted
-            loop = asyncio.get_running_loop()
-            started = time.perf_counter()
-            out = await loop.run_in_executor(self._compute, self.experts.forward, x, segments)
-            done = time.perf_counter()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            try:
+                out, queue_ms, compute_ms = await self.batcher.submit(x, segments, deadline)
+            except DeadlineMissed:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued") from None
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during compute")
@@ -140,8 +146,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             return pb.ForwardResponse(
                 request_id=request.request_id,
                 outputs=tensors.encode(out),
-                queue_ms=(started - received) * 1e3,
-                compute_ms=(done - started) * 1e3,
+                queue_ms=queue_ms,
+                compute_ms=compute_ms,
             )
         except RequestError as e:
             await context.abort(e.code, str(e))

@@ -103,6 +103,9 @@ def test_straggler_is_outpaced_by_hedges(swarm, toy_ckpt):
                 start = time.perf_counter()
                 layer(x)
                 normal.append(time.perf_counter() - start)
+            # stall the peer the dispatcher currently prefers (lower expected latency), so calls meet it
+            health = client.dispatcher.health
+            slow, fast = sorted((slow, fast), key=lambda p: health.expected_ms(p.info["peer_id"], 0.0))
             slow.signal(signal.SIGSTOP)
             stalled, want = [], reference(toy_ckpt, x)
             for _ in range(20):

@@ -53,3 +53,43 @@ def test_tampered_weights_are_refused(tmp_path):
     save_file(other, str(tmp_path / toy_model.WEIGHTS))  # same names and shapes, other values
     with pytest.raises(ValueError, match="manifest digest"):
         HostedExperts.from_checkpoint(tmp_path, "*", torch.device("cpu"))
+
+
+def test_merged_requests_equal_separate_ones():
+    from peer.batcher import merged_forward
+
+    cfg = ToyConfig(num_layers=2, num_experts=4, hidden_dim=16, ffn_dim=32)
+    hosted = HostedExperts.from_seed(cfg, 3, "*", torch.device("cpu"))
+    uid = lambda layer, e: expert_uid(hosted.model_id, layer, e)  # noqa: E731
+    gen = torch.Generator().manual_seed(1)
+    requests = [
+        (torch.randn(5, 16, generator=gen), [(uid(0, 1), 2), (uid(0, 3), 3)]),
+        (torch.randn(4, 16, generator=gen), [(uid(0, 0), 1), (uid(0, 1), 3)]),
+        (torch.randn(3, 16, generator=gen), [(uid(1, 2), 3)]),
+    ]
+    merged = merged_forward(hosted, requests)
+    for (x, segments), got in zip(requests, merged, strict=True):
+        assert (got - hosted.forward(x, segments)).abs().max().item() <= 1e-5
+
+
+def test_micro_batcher_merges_what_queues_while_busy():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from peer.batcher import MicroBatcher
+
+    cfg = ToyConfig(num_layers=1, num_experts=4, hidden_dim=64, ffn_dim=256)
+    hosted = HostedExperts.from_seed(cfg, 3, "*", torch.device("cpu"))
+    uids = hosted.uids
+    xs = [torch.randn(64, 64, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+
+    async def run():
+        batcher = MicroBatcher(hosted, ThreadPoolExecutor(1), max_batch_rows=4096)
+        outs = await asyncio.gather(*(batcher.submit(x, [(uids[i % 4], 64)], None) for i, x in enumerate(xs)))
+        batcher.cancel()
+        return batcher, outs
+
+    batcher, outs = asyncio.run(run())
+    assert batcher.batched_requests == 12 and batcher.batches < 12  # requests shared batches
+    for i, (x, (out, _, _)) in enumerate(zip(xs, outs, strict=True)):
+        assert (out - hosted.forward(x, [(uids[i % 4], 64)])).abs().max().item() <= 1e-5
