@@ -8,7 +8,6 @@ logged once per peer): a bad peer cannot break the view.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import time
@@ -16,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hivemind import DHT
-from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
-from protos.records import PeerRecord
+from protos.records import PeerRecord, fetch_latest
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +27,6 @@ class Replica:
     peer_id: str
     record: PeerRecord
     expiration: float
-
-
-async def _get_latest(dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, dict[str, tuple[object, float]]]:
-    # runs inside the DHT process; returns plain picklable data
-    found = await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
-    out: dict[str, dict[str, tuple[object, float]]] = {}
-    for key, entry in found.items():
-        if entry is not None and isinstance(entry.value, dict):  # a dictionary key: subkey -> value
-            out[key] = {sk: (v.value, v.expiration_time) for sk, v in entry.value.items()}
-    return out
 
 
 class SwarmView:
@@ -60,7 +48,7 @@ class SwarmView:
         return {uid: self.replicas(uid) for uid in self.uids}
 
     async def refresh(self) -> None:
-        raw = await self.dht.run_coroutine(functools.partial(_get_latest, keys=self.uids), return_future=True)
+        raw = await fetch_latest(self.dht, self.uids)
         view: dict[str, list[Replica]] = {}
         for uid, subkeys in raw.items():
             replicas = []

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import sys
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS, __version__, tensors
+from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS, __version__, tensors, toy_model
 from protos.records import PeerRecord, PeerState
 from protos.toy_model import ToyConfig
 
 from .experts import HostedExperts
+from .placement import choose_experts, parse_bytes, spec_for
 
 if TYPE_CHECKING:
     from .hf_experts import HFHostedExperts
@@ -47,7 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default: the checkpoint's; float32 with --seed)",
     )
-    s.add_argument("--experts", default="*", help="which experts to host: LAYERS:EXPERTS items, e.g. '0:0-3,1:*'")
+    s.add_argument(
+        "--experts",
+        default="*",
+        help="which experts to host: LAYERS:EXPERTS items, e.g. '0:0-3,1:*', or 'auto' (the least-covered "
+        "experts of the swarm that fit --memory-budget)",
+    )
+    s.add_argument(
+        "--memory-budget", default=None, help="with --experts auto: bytes of expert weights to host, e.g. 8GiB"
+    )
+    s.add_argument(
+        "--placement-delay",
+        type=float,
+        default=2.0,
+        help="with --experts auto: wait up to this many seconds (random) before reading the swarm's coverage",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind the gRPC server (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one)")
     s.add_argument("--announce-host", default=None, help="address others dial to reach this peer (default --host)")
@@ -94,14 +110,37 @@ def load_experts(args: argparse.Namespace, device: torch.device) -> HostedExpert
         return HFHostedExperts.from_checkpoint(args.model, args.experts, device, dtype)
     if args.checkpoint is not None:
         return HostedExperts.from_checkpoint(args.checkpoint, args.experts, device)
-    config = ToyConfig(
+    return HostedExperts.from_seed(toy_config(args), args.seed, args.experts, device)
+
+
+def toy_config(args: argparse.Namespace) -> ToyConfig:
+    return ToyConfig(
         num_layers=args.layers,
         num_experts=args.num_experts,
         hidden_dim=args.hidden,
         ffn_dim=args.ffn,
         dtype=args.dtype or "float32",
     )
-    return HostedExperts.from_seed(config, args.seed, args.experts, device)
+
+
+def describe_model(args: argparse.Namespace) -> tuple[str, list[tuple[int, int]], int]:
+    """(model id, every (layer, expert), bytes of one expert at the serving dtype), reading no expert but one."""
+    if args.model is not None:
+        from protos.hf_checkpoint import HFCheckpoint, load_manifest
+
+        ckpt = HFCheckpoint(args.model)
+        one = ckpt.read_expert(*min(ckpt.experts))
+        itemsize = tensors.dtype_from_name(args.dtype).itemsize if args.dtype else None
+        nbytes = sum(t.numel() * (itemsize or t.element_size()) for t in one.values())
+        return load_manifest(ckpt).model_id, sorted(ckpt.experts), nbytes
+    if args.checkpoint is not None:
+        manifest = toy_model.read_manifest(args.checkpoint)
+    else:
+        config = toy_config(args)
+        manifest = toy_model.manifest_for(config, toy_model.build_state_dict(config, args.seed))
+    cfg = manifest.config
+    pairs = [(layer, e) for layer in range(cfg.num_layers) for e in range(cfg.num_experts)]
+    return manifest.model_id, pairs, 3 * cfg.hidden_dim * cfg.ffn_dim * cfg.torch_dtype.itemsize
 
 
 def write_ready_file(path: Path, info: dict) -> None:
@@ -112,19 +151,37 @@ def write_ready_file(path: Path, info: dict) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    experts = load_experts(args, device)  # first: configuration errors surface before anything starts
+    auto = args.experts == "auto"
+    if auto:
+        model_id, pairs, expert_bytes = describe_model(args)
+        if not args.memory_budget:
+            raise ValueError("--experts auto needs --memory-budget (e.g. 8GiB)")
+        budget = parse_bytes(args.memory_budget)
+    else:
+        experts = load_experts(args, device)  # first: configuration errors surface before anything starts
 
     from hivemind import DHT
+    from hivemind.utils import get_dht_time
+
+    from protos.records import count_serving, expert_uid, fetch_latest
 
     from .announce import Announcer
     from .server import ExpertServicer, start_server
 
-    throughput = experts.measure_throughput()
     # Ctrl-C in a terminal signals the whole process group: p2pd (a Go program) keeps an
     # inherited SIG_IGN, so it stays up until we have drained and withdrawn our records
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/{args.dht_port}"], start=True)
     peer_id = dht.peer_id.to_base58()
+    if auto:
+        await asyncio.sleep(random.uniform(0, args.placement_delay))
+        raw = await fetch_latest(dht, [expert_uid(model_id, layer, e) for layer, e in pairs])
+        counts = count_serving(raw, get_dht_time())
+        replicas = {(layer, e): counts.get(expert_uid(model_id, layer, e), 0) for layer, e in pairs}
+        args.experts = spec_for(choose_experts(pairs, replicas, expert_bytes, budget))
+        log.info("auto placement: hosting %s (coverage before: %s)", args.experts, sorted(set(replicas.values())))
+        experts = load_experts(args, device)
+    throughput = experts.measure_throughput()
     servicer = ExpertServicer(
         experts,
         peer_id=peer_id,

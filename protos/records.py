@@ -7,10 +7,16 @@ only its own subkey.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hivemind import DHT
+    from hivemind.dht.node import DHTNode
 
 UID_SEPARATOR = "/"
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -87,3 +93,33 @@ class PeerRecord:
             device=raw["device"],
             version=raw["version"],
         )
+
+
+async def _get_latest(dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, dict[str, tuple[object, float]]]:
+    # runs inside the DHT process; returns plain picklable data
+    found = await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
+    out: dict[str, dict[str, tuple[object, float]]] = {}
+    for key, entry in found.items():
+        if entry is not None and isinstance(entry.value, dict):  # a dictionary key: subkey -> value
+            out[key] = {sk: (v.value, v.expiration_time) for sk, v in entry.value.items()}
+    return out
+
+
+async def fetch_latest(dht: DHT, keys: Sequence[str]) -> dict[str, dict[str, tuple[object, float]]]:
+    """uid -> {peer id: (raw record, expiration)}, the freshest the DHT holds (untrusted: parse
+    each record with PeerRecord.from_dict)."""
+    return await dht.run_coroutine(functools.partial(_get_latest, keys=list(keys)), return_future=True)
+
+
+def count_serving(raw: dict[str, dict[str, tuple[object, float]]], now: float) -> dict[str, int]:
+    """uid -> number of peers whose valid, unexpired record says they serve it."""
+    counts = {}
+    for uid, subkeys in raw.items():
+        n = 0
+        for value, expiration in subkeys.values():
+            try:
+                n += expiration > now and PeerRecord.from_dict(value).state.serving
+            except (ValueError, KeyError, TypeError):
+                continue
+        counts[uid] = n
+    return counts

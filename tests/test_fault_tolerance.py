@@ -32,16 +32,18 @@ def toy_peers(swarm, ckpt, specs: dict[str, str], *extra: str):
 
 
 class KillAfter(BaseStreamer):
-    """Streams tokens; SIGKILLs a peer (and its p2pd: the whole machine) after `n` new tokens."""
+    """Streams tokens; after `n` new tokens SIGKILLs (with its p2pd: the whole machine) the peer
+    the dispatcher prefers at that moment, so the next calls do meet the dead peer."""
 
-    def __init__(self, pid: int, n: int) -> None:
-        self.pid, self.n, self.seen, self.killed_at = pid, n, -1, None  # the first put() is the prompt
+    def __init__(self, procs, health, n: int) -> None:
+        self.procs, self.health, self.n, self.seen = procs, health, n, -1  # the first put() is the prompt
+        self.victim = None
 
     def put(self, value) -> None:
         self.seen += 1
         if self.seen == self.n:
-            os.killpg(self.pid, signal.SIGKILL)
-            self.killed_at = self.seen
+            self.victim = min(self.procs, key=lambda p: self.health.expected_ms(p.info["peer_id"], 0.0))
+            os.killpg(self.victim.pid, signal.SIGKILL)
 
     def end(self) -> None:
         pass
@@ -56,20 +58,20 @@ def test_sigkill_during_generation_with_replication_two(swarm, tmp_path):
     local = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
     with torch.inference_mode():
         want = local.generate(ids, max_new_tokens=30, do_sample=False, attention_mask=torch.ones_like(ids))
-    victim, survivor = swarm.start_peers({f"rep-{i}": ["--model", str(ckpt), "--experts", "*", *TOY] for i in range(2)})
+    procs = swarm.start_peers({f"rep-{i}": ["--model", str(ckpt), "--experts", "*", *TOY] for i in range(2)})
     try:
         with SwarmClient(swarm.initial_peers, info.uids, timeout=20) as client:
             client.wait_for_experts(timeout=60)
             model = load_swarm_model(ckpt, client, info=info)
-            killer = KillAfter(victim.pid, n=6)
+            killer = KillAfter(procs, client.dispatcher.health, n=6)
             with torch.inference_mode():
                 got = model.generate(
                     ids, max_new_tokens=30, do_sample=False, streamer=killer, attention_mask=torch.ones_like(ids)
                 )
             stats = client.dispatcher.stats
     finally:
-        swarm.stop_many([victim, survivor])
-    assert killer.killed_at == 6
+        swarm.stop_many(procs)
+    assert killer.victim is not None and killer.victim.popen.returncode == -signal.SIGKILL
     assert torch.equal(got, want)  # identical to the run with no fault
     assert stats.exact == stats.routed and stats.rerouted == stats.dropped == 0
     # the dead peer's work went elsewhere and was counted: as a retry when its call failed,

@@ -1,0 +1,57 @@
+"""Which experts to host: the least-covered ones of the swarm that fit a memory budget.
+
+A peer started with `--experts auto --memory-budget 8GiB` reads the DHT's coverage of its
+model (serving replicas per expert) and takes the experts with the fewest replicas, ties
+broken at random, until the budget is full. A random start delay keeps peers started
+together from reading the same coverage and picking the same set.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '512MB', '1.5gib', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].lower() not in _UNITS:
+        raise ValueError(f"bad size {text!r}: expected a number with an optional unit like 512MiB or 8GB")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def choose_experts(
+    candidates: Iterable[tuple[int, int]],
+    replicas: dict[tuple[int, int], int],
+    expert_bytes: int,
+    budget: int,
+    rng: random.Random | None = None,
+) -> list[tuple[int, int]]:
+    """The least-replicated experts (random among equals) that fit in `budget` bytes."""
+    rng = rng or random.Random()
+    if expert_bytes <= 0:
+        raise ValueError("expert size must be positive")
+    capacity = budget // expert_bytes
+    if capacity < 1:
+        raise ValueError(f"a memory budget of {budget} bytes holds no expert ({expert_bytes} bytes each)")
+    ranked = sorted(candidates, key=lambda c: (replicas.get(c, 0), rng.random()))
+    return sorted(ranked[:capacity])
+
+
+def spec_for(pairs: Iterable[tuple[int, int]]) -> str:
+    """[(0, 1), (2, 5)] -> '0:1,2:5' (the --experts syntax)."""
+    return ",".join(f"{layer}:{expert}" for layer, expert in pairs)
