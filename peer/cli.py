@@ -24,6 +24,7 @@ from protos.toy_model import ToyConfig
 
 from .experts import HostedExperts
 from .placement import choose_experts, parse_bytes, spec_for
+from .selfbench import cached_throughput
 
 if TYPE_CHECKING:
     from .hf_experts import HFHostedExperts
@@ -181,7 +182,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.experts = spec_for(choose_experts(pairs, replicas, expert_bytes, budget))
         log.info("auto placement: hosting %s (coverage before: %s)", args.experts, sorted(set(replicas.values())))
         experts = load_experts(args, device)
-    throughput = experts.measure_throughput()
+    throughput = cached_throughput(experts)
     servicer = ExpertServicer(
         experts,
         peer_id=peer_id,

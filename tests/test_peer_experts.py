@@ -93,3 +93,21 @@ def test_micro_batcher_merges_what_queues_while_busy():
     assert batcher.batched_requests == 12 and batcher.batches < 12  # requests shared batches
     for i, (x, (out, _, _)) in enumerate(zip(xs, outs, strict=True)):
         assert (out - hosted.forward(x, [(uids[i % 4], 64)])).abs().max().item() <= 1e-5
+
+
+def test_throughput_is_measured_once_per_device_and_shape(tmp_path):
+    from peer.selfbench import cached_throughput
+
+    cfg = ToyConfig(num_layers=1, num_experts=2, hidden_dim=16, ffn_dim=32)
+    hosted = HostedExperts.from_seed(cfg, 3, "*", torch.device("cpu"))
+    calls = []
+    real = hosted.measure_throughput
+    hosted.measure_throughput = lambda: calls.append(1) or real()
+    cache = tmp_path / "throughput.json"
+    first = cached_throughput(hosted, cache)
+    assert first > 0 and cached_throughput(hosted, cache) == first and len(calls) == 1
+    other = HostedExperts.from_seed(
+        ToyConfig(num_layers=1, num_experts=2, hidden_dim=16, ffn_dim=64), 3, "*", torch.device("cpu")
+    )
+    cached_throughput(other, cache)  # another shape: measured, stored beside the first
+    assert len(__import__("json").loads(cache.read_text())) == 2

@@ -1,0 +1,54 @@
+"""The peer's self-measured expert throughput, cached per device and expert shape.
+
+Measured once (a short benchmark of one hosted expert) and kept in
+~/.cache/moe-swarm/throughput.json, so restarts announce a number at once and every
+peer on the same hardware with the same expert shape reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+DEFAULT_CACHE = Path(os.environ.get("MOE_SWARM_CACHE", Path.home() / ".cache" / "moe-swarm")) / "throughput.json"
+
+
+class Measurable(Protocol):
+    kind: str
+    hidden_dim: int
+    ffn_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def measure_throughput(self) -> float: ...
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()}-{platform.processor() or 'cpu'}-{torch.get_num_threads()}threads"
+
+
+def cached_throughput(experts: Measurable, cache: Path = DEFAULT_CACHE) -> float:
+    key = f"{experts.kind}/{experts.hidden_dim}x{experts.ffn_dim}/{experts.dtype}/{device_name(experts.device)}"
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if isinstance(table.get(key), int | float) and table[key] > 0:
+        return float(table[key])
+    value = experts.measure_throughput()
+    table[key] = value
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, cache)  # atomic: peers starting together never read half a file
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return value
