@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from hivemind import DHT
@@ -12,7 +12,7 @@ from hivemind import DHT
 from protos import DEFAULT_MAX_MESSAGE_BYTES
 
 from .loop import LoopThread
-from .router import Dispatcher, DispatchResult
+from .router import Dispatcher, DispatchResult, ScoresFn
 from .swarm import SwarmView
 from .transport import Channels
 
@@ -63,7 +63,7 @@ class SwarmClient:
         experts: torch.Tensor,
         uids: list[str],
         dtype: torch.dtype,
-        scores: Callable[[], torch.Tensor] | None = None,
+        scores: ScoresFn = None,
     ) -> DispatchResult:
         return self.io.run(self.dispatcher.dispatch(x, experts, uids, dtype, scores))
 

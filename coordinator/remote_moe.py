@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from protos.records import expert_uid
 
 from .gating import combine, renormalize_answered, topk_softmax
-from .router import DispatchResult
+from .router import DispatchResult, ScoresFn
 
 
 class ExpertExecutor(Protocol):
@@ -21,7 +20,7 @@ class ExpertExecutor(Protocol):
         experts: torch.Tensor,
         uids: list[str],
         dtype: torch.dtype,
-        scores: Callable[[], torch.Tensor] | None = None,
+        scores: ScoresFn = None,
     ) -> DispatchResult: ...
 
 

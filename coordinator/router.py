@@ -43,6 +43,10 @@ class ExpertUnavailableError(DispatchError):
 
 FALLBACK_POLICIES = ("reroute", "drop", "error")
 
+# Router scores [T, E] (higher is better) for the reroute fallback, computed only when an
+# expert could not be reached; one name for the contract every executor shares.
+ScoresFn = Callable[[], torch.Tensor] | None
+
 
 class RemoteExpertError(DispatchError):
     def __init__(self, message: str, code: grpc.StatusCode | None) -> None:
@@ -212,7 +216,7 @@ class Dispatcher:
         experts: torch.Tensor,
         uids: list[str],
         dtype: torch.dtype,
-        scores: Callable[[], torch.Tensor] | None = None,
+        scores: ScoresFn = None,
     ) -> DispatchResult:
         """x [T, H], experts [T, k] -> outputs [T, k, H] (row t, slot j = expert experts[t, j] of x[t]).
 

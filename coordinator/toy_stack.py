@@ -16,7 +16,7 @@ from protos.records import expert_uid
 from protos.toy_model import EXPERT_PARAMS, Manifest
 
 from .remote_moe import ExpertExecutor, RemoteMoE
-from .router import DispatchResult
+from .router import DispatchResult, ScoresFn
 
 
 class ToyMoEStack(nn.Module):
@@ -75,7 +75,7 @@ class LocalExperts:
 
     @torch.inference_mode()
     def dispatch(
-        self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype, scores=None
+        self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype, scores: ScoresFn = None
     ) -> DispatchResult:
         num_tokens, k = experts.shape
         out = torch.empty(num_tokens * k, x.shape[-1], dtype=dtype)
