@@ -14,6 +14,7 @@ the other is cancelled). Experts that no replica answers in time get the fallbac
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -32,6 +33,8 @@ from .health import HealthCache
 from .swarm import Replica, SwarmView
 from .transport import Channels
 
+log = logging.getLogger(__name__)
+
 
 class DispatchError(RuntimeError):
     """A layer call could not be completed; the message names the experts and peers."""
@@ -42,6 +45,7 @@ class ExpertUnavailableError(DispatchError):
 
 
 FALLBACK_POLICIES = ("reroute", "drop", "error")
+REFRESH_ON_MISS_S = 1.0  # an expert without a replica re-reads the DHT at most this often
 
 # Router scores [T, E] (higher is better) for the reroute fallback, computed only when an
 # expert could not be reached; one name for the contract every executor shares.
@@ -302,9 +306,13 @@ class Dispatcher:
         def covering(expert: int) -> set[str]:
             return {c.replica.peer_id for c in inflight.values() if expert in c.experts}
 
+        unplaced: set[int] = set()  # experts that had no replica to go to
+        looked_again = False
+
         def launch(todo: list[int]) -> int:
             sub = {e: work[e] for e in todo}
-            calls, _ = self.plan(sub, uids, {e: tried[e] | covering(e) for e in todo})
+            calls, missing = self.plan(sub, uids, {e: tried[e] | covering(e) for e in todo})
+            unplaced.update(e for e in missing if not covering(e))
             for call in calls:
                 task = loop.create_task(self._call(call, x, dtype, deadline))
                 inflight[task], sent_at[task] = call, loop.time()
@@ -313,7 +321,20 @@ class Dispatcher:
 
         launch(list(work))
         try:
-            while inflight:
+            while True:
+                if unplaced and not inflight and not looked_again:
+                    # nothing left to wait for: look at the DHT once more (rate-limited, shared
+                    # by concurrent calls) in case a replica joined or our view was behind
+                    looked_again = True
+                    try:
+                        await asyncio.wait_for(self.swarm.refresh_if_older(REFRESH_ON_MISS_S), deadline - loop.time())
+                    except Exception as e:  # a failed lookup leaves it to the fallback policy
+                        log.debug("DHT lookup for unplaced experts failed: %r", e)
+                    todo = sorted(e for e in unplaced if e not in answers)
+                    unplaced.clear()
+                    launch(todo)
+                if not inflight:
+                    break
                 now = loop.time()
                 wake = deadline
                 if self.hedge:

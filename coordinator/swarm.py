@@ -1,8 +1,12 @@
 """A live view of the swarm from the DHT: expert uid -> replicas that serve it.
 
 Refreshed in the background with `latest=True` reads, so a peer's LEFT tombstone or
-record expiry removes it within one refresh period. Malformed records are skipped (and
-logged once per peer): a bad peer cannot break the view.
+record expiry removes it within one refresh period. Between refreshes a record counts as
+live if it was unexpired at the last refresh: a peer re-announces before its record
+expires, and judging our copy by its own expiration would hide healthy peers whenever the
+refresh period exceeds the announcement slack. Dead peers meanwhile are hidden by the
+dispatcher's health cache (a failed call bans). Malformed records are skipped (and logged
+once per peer): a bad peer cannot break the view.
 """
 
 from __future__ import annotations
@@ -36,18 +40,33 @@ class SwarmView:
         self.refresh_period = refresh_period
         self._replicas: dict[str, list[Replica]] = {}
         self._bad_peers: set[str] = set()
-        self.last_refresh = 0.0
+        self.last_refresh = 0.0  # monotonic time of the last successful refresh
+        self._refreshed_at = 0.0  # DHT time at which it started
+        self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
     def replicas(self, uid: str) -> list[Replica]:
-        """Replicas of `uid` that serve now (online, not expired)."""
-        now = get_dht_time()
-        return [r for r in self._replicas.get(uid, ()) if r.expiration > now and r.record.state.serving]
+        """Replicas of `uid` that serve now (online, unexpired at the last refresh)."""
+        # without a successful refresh for two periods, fall back to the records' own expiry
+        cutoff = max(self._refreshed_at, get_dht_time() - 2 * self.refresh_period)
+        return [r for r in self._replicas.get(uid, ()) if r.expiration > cutoff and r.record.state.serving]
 
     def snapshot(self) -> dict[str, list[Replica]]:
         return {uid: self.replicas(uid) for uid in self.uids}
 
+    async def refresh_if_older(self, age_s: float) -> bool:
+        """Refresh now unless the view is younger than `age_s`; concurrent callers share one
+        fetch. For the dispatcher when an expert has no replica: a peer may have joined since."""
+        if time.monotonic() - self.last_refresh < age_s:
+            return False
+        async with self._refresh_lock:
+            if time.monotonic() - self.last_refresh < age_s:  # another caller just did it
+                return True
+            await self.refresh()
+        return True
+
     async def refresh(self) -> None:
+        started = get_dht_time()
         raw = await fetch_latest(self.dht, self.uids)
         view: dict[str, list[Replica]] = {}
         for uid, subkeys in raw.items():
@@ -63,6 +82,7 @@ class SwarmView:
                 replicas.append(Replica(str(peer_id), record, expiration))
             view[uid] = replicas
         self._replicas = view  # swapped whole: readers never see half a refresh
+        self._refreshed_at = started
         self.last_refresh = time.monotonic()
 
     async def _loop(self) -> None:

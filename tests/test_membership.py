@@ -38,3 +38,25 @@ def test_graceful_leave_disappears_within_one_refresh(swarm, client, tiny_checkp
     assert gone_after <= REFRESH_PERIOD * 1.1 + 0.5, f"still listed {gone_after:.2f}s after the peer left"
     # its tombstone does not hide the other replica
     assert client.swarm.replicas(uids[0])
+
+
+def test_expert_without_replica_in_view_reads_the_dht_again_before_giving_up(swarm, tmp_path):
+    # the client's background refresh is far away: only the dispatcher's on-miss lookup can find the peer
+    import torch
+
+    from coordinator.client import SwarmClient
+
+    from .conftest import TINY
+
+    ckpt = tmp_path / "late"
+    toy_model.save_checkpoint(ckpt, TINY, seed=31)
+    uids = toy_model.read_manifest(ckpt).uids()
+    with SwarmClient(swarm.initial_peers, uids, refresh_period=600, timeout=20, fallback="error") as client:
+        assert not client.swarm.replicas(uids[0])
+        proc = swarm.start_peer("late", "--checkpoint", str(ckpt), "--experts", "0:*", "--threads", "1")
+        try:
+            x = torch.randn(4, TINY.hidden_dim)
+            result = client.dispatch(x, torch.tensor([[0, 1]] * 4), uids[: TINY.num_experts], torch.float32)
+            assert result.complete and client.dispatcher.stats.exact == 8
+        finally:
+            swarm.stop(proc)
