@@ -32,13 +32,19 @@ MANIFEST_FORMAT = "moe-swarm-hf/1"
 # per-expert key names -> canonical role
 _GATE, _UP, _DOWN = "gate", "up", "down"
 _PER_EXPERT_NAMES = {"w1": _GATE, "gate_proj": _GATE, "w3": _UP, "up_proj": _UP, "w2": _DOWN, "down_proj": _DOWN}
-_PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\.(?P<expert>\d+)\."
-                            r"(?P<name>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
-_STACKED_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\."
-                         r"(?P<name>gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)$")
+_PER_EXPERT_RE = re.compile(
+    r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\.(?P<expert>\d+)\."
+    r"(?P<name>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
+_STACKED_RE = re.compile(
+    r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.[A-Za-z_]+)\.experts\."
+    r"(?P<name>gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)$"
+)
 # Granite keeps its stacked experts outside an `experts.` module
-_GRANITE_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.block_sparse_moe)\."
-                         r"(?P<name>input_linear|output_linear)\.weight$")
+_GRANITE_RE = re.compile(
+    r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.block_sparse_moe)\."
+    r"(?P<name>input_linear|output_linear)\.weight$"
+)
 _GRANITE_NAMES = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}
 _NUM_EXPERTS_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 
@@ -106,7 +112,7 @@ class HFCheckpoint:
         found: dict[tuple[int, int], dict[str, list[ExpertSource]]] = {}
         for (layer, e), roles in per_expert.items():
             if set(roles) != {_GATE, _UP, _DOWN}:
-                raise CheckpointError(f"{self.path}: expert {layer}/{e} lacks {({_GATE, _UP, _DOWN} - set(roles))}")
+                raise CheckpointError(f"{self.path}: expert {layer}/{e} lacks { ({_GATE, _UP, _DOWN} - set(roles)) }")
             found[layer, e] = {
                 "gate_up_proj": [ExpertSource(roles[_GATE], False), ExpertSource(roles[_UP], False)],
                 "down_proj": [ExpertSource(roles[_DOWN], False)],
@@ -194,8 +200,7 @@ def load_manifest(ckpt: HFCheckpoint, cache_dir: str | Path | None = None) -> HF
         if doc.get("format") == MANIFEST_FORMAT and doc.get("files") == fingerprint:
             return HFManifest(doc["model_id"], doc["experts"])
     manifest = build_manifest(ckpt)
-    doc = {"format": MANIFEST_FORMAT, "model_id": manifest.model_id, "experts": manifest.digests,
-           "files": fingerprint}
+    doc = {"format": MANIFEST_FORMAT, "model_id": manifest.model_id, "experts": manifest.digests, "files": fingerprint}
     for file in locations:
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
