@@ -35,6 +35,7 @@ from .batcher import DeadlineMissed, MicroBatcher
 if TYPE_CHECKING:
     from .experts import HostedExperts
     from .hf_experts import HFHostedExperts
+    from .impair import Impairment
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS,
         max_batch_rows: int = 4096,
         batch_wait_ms: float = 0.0,
+        impairment: Impairment | None = None,
     ) -> None:
         self.experts = experts
+        self.impairment = impairment  # simulated slow device / network, for `moe-swarm simulate` only
         self.peer_id = peer_id
         self.max_rows = max_rows
         self.max_queue_rows = max_queue_rows  # admission control: rows admitted and not yet answered
@@ -138,6 +141,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 out, queue_ms, compute_ms = await self.batcher.submit(x, segments, deadline)
             except DeadlineMissed:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued") from None
+            if self.impairment is not None:
+                await self.impairment.apply(compute_ms)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during compute")
