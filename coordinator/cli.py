@@ -17,6 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
+from protos.cliconfig import install as with_config
+
 from .router import DispatchError
 
 
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
     add_straggler_bench_args(bench.add_parser("straggler", help="layer latency with a stalled peer, hedging on/off"))
     add_saturation_bench_args(bench.add_parser("saturation", help="rows/s a saturated peer serves vs raw compute"))
-    return parser
+    return with_config(parser, "MOE_SWARM")  # every flag also from MOE_SWARM_* and --config FILE
 
 
 def run_bootstrap(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS, __version__, tensors, toy_model
+from protos.cliconfig import install as with_config
 from protos.records import PeerRecord, PeerState
 from protos.toy_model import ToyConfig
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-file", type=Path, default=None, help="write endpoint/peer id JSON here once serving (for launchers)"
     )
     s.add_argument("--log-level", default="INFO")
-    return parser
+    return with_config(parser, "MOE_PEER")  # every flag also from MOE_PEER_* and --config FILE
 
 
 def load_experts(args: argparse.Namespace, device: torch.device) -> HostedExperts | HFHostedExperts:
