@@ -3,8 +3,10 @@
 moe-swarm bootstrap            run a DHT bootstrap node, print its multiaddrs
 moe-swarm demo                 local swarm serving a tiny Mixtral; generation through it = local model
 moe-swarm generate             generate text with a Hugging Face MoE model whose experts run in the swarm
+moe-swarm status               per expert: replicas, state, load, throughput, record expiry (from the DHT)
 moe-swarm bench layer          one layer call: swarm vs in-process vs hivemind
 moe-swarm bench generate       tokens/s through a local swarm vs the same model run locally
+moe-swarm simulate             churn: peers killed/stopped/stalled/restarted under load, report + JSON + plot
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_generate_bench_args, add_layer_args, add_saturation_bench_args, add_straggler_bench_args
     from .demo import add_demo_args
     from .generate import add_generate_args
+    from .simulate import add_simulate_args
+    from .status import add_status_args
 
     parser = argparse.ArgumentParser(prog="moe-swarm", description="Run MoE models on a swarm of expert peers.")
     parser.add_argument("--log-level", default="WARNING")
@@ -36,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ready-file", type=Path, default=None, help="write the multiaddrs here as JSON once up")
     add_demo_args(sub.add_parser("demo", help="start a local swarm, generate through it, compare with local"))
     add_generate_args(sub.add_parser("generate", help="generate text with a MoE model whose experts run in the swarm"))
+    add_status_args(sub.add_parser("status", help="the swarm's replicas of every expert of a model, from the DHT"))
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
     add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
     add_straggler_bench_args(bench.add_parser("straggler", help="layer latency with a stalled peer, hedging on/off"))
     add_saturation_bench_args(bench.add_parser("saturation", help="rows/s a saturated peer serves vs raw compute"))
+    add_simulate_args(sub.add_parser("simulate", help="a churning local swarm under load: faults, report, JSON, plot"))
     return with_config(parser, "MOE_SWARM")  # every flag also from MOE_SWARM_* and --config FILE
 
 
@@ -49,7 +55,10 @@ def run_bootstrap(args: argparse.Namespace) -> int:
 
     from hivemind import DHT
 
-    dht = DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"])
+    from protos.validation import dht_validators
+
+    # the bootstrap stores records too: it must refuse forged ones like every other node
+    dht = DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], record_validators=dht_validators())
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     print("DHT bootstrap node is up. Join it with:", flush=True)
     print("  --initial-peers " + " ".join(maddrs), flush=True)
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "bootstrap":
         return run_bootstrap(args)
-    if args.command in ("demo", "bench"):
+    if args.command in ("demo", "bench", "simulate"):
         # these share the machine's cores with the peers they start: one torch thread here
         # stops OpenMP spin-waiting from starving them (16-token layer calls 87 ms -> 12 ms)
         import torch
@@ -86,14 +95,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("demo", "generate", "bench"):
+    if args.command in ("demo", "generate", "bench", "simulate"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own output is the report; keep it readable
+    if args.command == "simulate":
+        from .simulate import run_simulate
+
+        return run_simulate(args)
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(args)
+    if args.command == "status":
+        from .status import run_status
+
+        return run_status(args)
     if args.command == "generate":
         from .generate import run_generate
 

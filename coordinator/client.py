@@ -10,11 +10,13 @@ import torch
 from hivemind import DHT
 
 from protos import DEFAULT_MAX_MESSAGE_BYTES
+from protos.envelope import Identity
+from protos.validation import dht_validators
 
 from .loop import LoopThread
 from .router import Dispatcher, DispatchResult, ScoresFn
 from .swarm import SwarmView
-from .transport import Channels
+from .transport import Channels, Sessions
 
 
 class SwarmClient:
@@ -29,15 +31,32 @@ class SwarmClient:
         host: str = "127.0.0.1",
         fallback: str = "error",
         hedge: bool = True,
+        identity: Identity | None = None,
+        secure: bool = True,
+        spot_check: float = 0.0,
     ) -> None:
-        # client_mode: a coordinator reads the DHT but stores nobody's records
+        # client_mode: a coordinator reads the DHT but stores nobody's records; it validates
+        # what it reads with the same validators as every node
         self.dht = DHT(
-            initial_peers=list(initial_peers), client_mode=True, start=True, host_maddrs=[f"/ip4/{host}/tcp/0"]
+            initial_peers=list(initial_peers),
+            client_mode=True,
+            start=True,
+            host_maddrs=[f"/ip4/{host}/tcp/0"],
+            record_validators=dht_validators(),
         )
+        self.identity = identity or Identity.generate()
         self.io = LoopThread()
         self.swarm = SwarmView(self.dht, uids, refresh_period)
         self.channels = Channels(max_message_bytes)
-        self.dispatcher = Dispatcher(self.swarm, self.channels, timeout, fallback=fallback, hedge=hedge)
+        self.dispatcher = Dispatcher(
+            self.swarm,
+            self.channels,
+            timeout,
+            fallback=fallback,
+            hedge=hedge,
+            sessions=Sessions(self.identity, self.channels) if secure else None,
+            spot_check=spot_check,
+        )
         self.io.run(self._start())
 
     async def _start(self) -> None:

@@ -62,6 +62,11 @@ class HealthCache:
         health.banned_until = self.clock() + ban
         return ban
 
+    def ban(self, peer_id: str, seconds: float) -> None:
+        """A ban that is not a failure streak: e.g. a peer proven to return wrong outputs."""
+        health = self.get(peer_id)
+        health.banned_until = max(health.banned_until, self.clock() + seconds)
+
     def expected_ms(self, peer_id: str, default_ms: float) -> float:
         health = self.peers.get(peer_id)
         return default_ms if health is None or health.ewma_ms is None else health.ewma_ms

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,13 +24,13 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from protos import expert_service_pb2 as pb
-from protos import tensors
+from protos import sealed, tensors
+from protos.envelope import EnvelopeError
 from protos.records import parse_expert_uid
 
 from .health import HealthCache
 from .swarm import Replica, SwarmView
-from .transport import Channels
+from .transport import Channels, Sessions
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,42 @@ class ExpertUnavailableError(DispatchError):
 
 
 FALLBACK_POLICIES = ("reroute", "drop", "error")
+CHEATER_BAN_S = 3600.0  # a peer proven wrong by its own receipt
+# relative difference two honest replicas may show (GEMM blocking varies with batch composition)
+SPOT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 REFRESH_ON_MISS_S = 1.0  # an expert without a replica re-reads the DHT at most this often
 
 # Router scores [T, E] (higher is better) for the reroute fallback, computed only when an
 # expert could not be reached; one name for the contract every executor shares.
 ScoresFn = Callable[[], torch.Tensor] | None
+
+
+UNKNOWN_SESSION = "unknown or expired session"  # the peer's words when it does not know our session
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A peer's signed statement about one answer: evidence that it computed these outputs."""
+
+    peer_id: str
+    identity: bytes
+    statement: bytes  # covers the request's and the output's plaintext digests, uids, model id
+    signature: bytes
+
+    def evidence(self) -> dict[str, str]:
+        return {
+            "peer_id": self.peer_id,
+            "identity": self.identity.hex(),
+            "statement": self.statement.hex(),
+            "signature": self.signature.hex(),
+        }
+
+
+@dataclass
+class Answer:
+    out: torch.Tensor
+    ms: float
+    receipt: Receipt
 
 
 class RemoteExpertError(DispatchError):
@@ -97,6 +127,10 @@ class DispatchStats:
     hedges: int = 0  # duplicate calls sent because the first was slower than its peer's p95
     bans: int = 0
     refusals: int = 0  # RESOURCE_EXHAUSTED answers (peer overloaded): retried elsewhere, no ban
+    spot_checks: int = 0  # experts recomputed on a second replica to verify the first
+    spot_unresolved: int = 0  # disagreements no third replica could settle
+    cheaters_banned: int = 0
+    evidence: list[dict] = field(default_factory=list)  # signed receipts of each proven-wrong answer
     rpc_ms: list[float] = field(default_factory=list)
     layer_ms: dict[int, list[float]] = field(default_factory=dict)  # whole layer calls, by layer
     peer_compute_ms: list[float] = field(default_factory=list)  # as reported by the peers
@@ -129,6 +163,10 @@ class Dispatcher:
         hedge_default_ms: float = 250.0,
         hedge_min_ms: float = 5.0,
         health: HealthCache | None = None,
+        sessions: Sessions | None = None,
+        spot_check: float = 0.0,
+        spot_tolerance: float | None = None,
+        seed: int | None = None,
     ) -> None:
         if fallback not in FALLBACK_POLICIES:
             raise ValueError(f"fallback must be one of {FALLBACK_POLICIES}, got {fallback!r}")
@@ -140,6 +178,12 @@ class Dispatcher:
         self.hedge_default_ms = hedge_default_ms
         self.hedge_min_ms = hedge_min_ms
         self.health = health or HealthCache()
+        self.sessions = sessions  # None: plaintext requests (peers must run --allow-plaintext)
+        if not 0.0 <= spot_check <= 1.0:
+            raise ValueError(f"spot_check is a fraction of calls in [0, 1], got {spot_check}")
+        self.spot_check = spot_check
+        self.spot_tolerance = spot_tolerance
+        self._rng = random.Random(seed)
         self.stats = DispatchStats()
 
     # ---- choosing replicas -------------------------------------------------------------
@@ -181,37 +225,46 @@ class Dispatcher:
         return list(calls.values()), missing
 
     # ---- one RPC ------------------------------------------------------------------------
-    async def _call(
-        self, call: PeerCall, x: torch.Tensor, dtype: torch.dtype, deadline: float
-    ) -> tuple[torch.Tensor, float]:
+    async def _call(self, call: PeerCall, x: torch.Tensor, dtype: torch.dtype, deadline: float) -> Answer:
         positions = torch.cat(call.positions)
         rows = x.index_select(0, positions % x.shape[0]).to(dtype)
-        request = pb.ForwardRequest(
-            request_id=uuid.uuid4().hex,
-            segments=[pb.Segment(expert_uid=u, num_rows=n) for u, n in call.segments],
-            inputs=tensors.encode(rows),
-        )
-        endpoint = call.replica.record.endpoint
+        replica = call.replica
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        timeout = max(deadline - asyncio.get_running_loop().time(), 1e-3)
         try:
-            response = await self.channels.stub(endpoint).Forward(request, timeout=timeout)
+            for attempt in range(2):
+                try:
+                    return await self._exchange(call, rows, max(deadline - loop.time(), 1e-3), started)
+                except grpc.aio.AioRpcError as e:
+                    forgotten = e.code() == grpc.StatusCode.UNAUTHENTICATED and UNKNOWN_SESSION in (e.details() or "")
+                    if attempt or not forgotten or self.sessions is None:
+                        raise
+                    # the peer restarted or evicted our session: open a new one, once
+                    self.sessions.forget(replica.record.endpoint, replica.record.kx)
         except grpc.aio.AioRpcError as e:
             uids = ", ".join(u for u, _ in call.segments)
             raise RemoteExpertError(
-                f"peer {call.replica.peer_id} at {endpoint} failed experts [{uids}]: {e.code().name}: {e.details()}",
+                f"peer {replica.peer_id} at {replica.record.endpoint} failed experts [{uids}]: "
+                f"{e.code().name}: {e.details()}",
                 e.code(),
             ) from None
+        except (EnvelopeError, tensors.TensorCodecError) as e:
+            raise RemoteExpertError(f"peer {replica.peer_id} at {replica.record.endpoint}: {e}", None) from None
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, call: PeerCall, rows: torch.Tensor, timeout: float, started: float) -> Answer:
+        """Send one Forward (sealed when we have sessions), open and check the answer and its receipt."""
+        replica = call.replica
+        keys, counter = None, 0
+        if self.sessions is not None:
+            session = await self.sessions.get(replica.record.endpoint, replica.record.kx, timeout)
+            keys, counter = session.keys, next(session.counters)
+        sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
+        response = await self.channels.stub(replica.record.endpoint).Forward(sent.request, timeout=timeout)
         ms = (time.perf_counter() - started) * 1e3
-        out = tensors.decode(response.outputs)
-        if tuple(out.shape) != tuple(rows.shape) or out.dtype != dtype:
-            raise RemoteExpertError(
-                f"peer {call.replica.peer_id} returned {out.dtype} {list(out.shape)}, expected {dtype} "
-                f"{list(rows.shape)}",
-                None,
-            )
+        out, statement = sealed.open_response(sent, response, replica.record.identity)
         self.stats.peer_compute_ms.append(response.compute_ms)
-        return out, ms
+        return Answer(out, ms, Receipt(replica.peer_id, replica.record.identity, statement, response.receipt))
 
     # ---- a layer call -------------------------------------------------------------------
     async def dispatch(
@@ -233,7 +286,9 @@ class Dispatcher:
         num_tokens, k = experts.shape
         flat = experts.T.reshape(-1).clone()
         work = group_by_expert(flat)
-        answers, tried = await self._solve(work, x, uids, dtype)
+        answers, tried, receipts = await self._solve(work, x, uids, dtype)
+        if self.spot_check > 0:
+            await self._spot_check(work, answers, receipts, x, uids, dtype)
         missing = [e for e in work if e not in answers]
         if missing and self.fallback == "error":
             detail = "; ".join(f"{uids[e]} (peers tried: {sorted(tried[e]) or 'none live'})" for e in missing)
@@ -259,6 +314,57 @@ class Dispatcher:
             result.view(k, num_tokens, -1).transpose(0, 1), answered.view(k, num_tokens).T, flat.view(k, num_tokens).T
         )
 
+    async def _spot_check(
+        self,
+        work: dict[int, torch.Tensor],
+        answers: dict[int, torch.Tensor],
+        receipts: dict[int, Receipt],
+        x: torch.Tensor,
+        uids: list[str],
+        dtype: torch.dtype,
+    ) -> None:
+        """Recompute a sampled fraction of experts on a second replica; on disagreement a third
+        decides, the peer proven wrong by its own signed receipt is banned, and the honest
+        output replaces its answer before the caller combines."""
+        sampled = {e: work[e] for e in answers if self._rng.random() < self.spot_check}
+        if not sampled:
+            return
+        second, _, second_receipts = await self._solve(
+            sampled, x, uids, dtype, {e: {receipts[e].peer_id} for e in sampled}
+        )
+        self.stats.spot_checks += len(second)
+        disputed = {e: work[e] for e in second if not self._agree(answers[e], second[e])}
+        if not disputed:
+            return
+        third, _, third_receipts = await self._solve(
+            disputed, x, uids, dtype, {e: {receipts[e].peer_id, second_receipts[e].peer_id} for e in disputed}
+        )
+        for e in disputed:
+            first_ok = e in third and self._agree(answers[e], third[e])
+            second_ok = e in third and self._agree(second[e], third[e])
+            if first_ok == second_ok:  # no third replica, or it agrees with both or neither
+                self.stats.spot_unresolved += 1
+                log.warning("spot check of %s unresolved: replicas disagree and no majority", uids[e])
+                continue
+            liar, witness = (second_receipts[e], receipts[e]) if first_ok else (receipts[e], second_receipts[e])
+            if second_ok:
+                answers[e], receipts[e] = second[e], second_receipts[e]
+            self.health.ban(liar.peer_id, CHEATER_BAN_S)
+            self.stats.cheaters_banned += 1
+            evidence = {
+                "expert": uids[e],
+                "wrong": liar.evidence(),
+                "agreeing": [witness.evidence(), third_receipts[e].evidence()],
+            }
+            self.stats.evidence.append(evidence)
+            log.warning("peer %s returned a wrong output for %s; banned. evidence: %s", liar.peer_id, uids[e], evidence)
+
+    def _agree(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Equal up to the last bits that batch composition may change (relative norm of the difference)."""
+        tol = SPOT_TOLERANCE.get(a.dtype, 2e-2) if self.spot_tolerance is None else self.spot_tolerance
+        a, b = a.float(), b.float()
+        return bool((a - b).norm() <= tol * (b.norm() + 1e-6))
+
     async def _reroute(self, missing, work, answers, flat, experts, x, uids, dtype, scores, tried) -> int:
         """Give each unanswered (token, slot) the token's best-scoring expert that is not
         already among its choices and still has a live replica; one more round, same deadline."""
@@ -281,7 +387,7 @@ class Dispatcher:
         if not moves:
             return 0
         extra = {e: torch.tensor(p) for e, p in moves.items()}
-        got, _ = await self._solve(extra, x, uids, dtype)
+        got, _, _ = await self._solve(extra, x, uids, dtype)
         done = 0
         base = max(work, default=-1) + 1
         for i, (expert, positions) in enumerate(extra.items()):
@@ -292,13 +398,20 @@ class Dispatcher:
         return done
 
     async def _solve(
-        self, work: dict[int, torch.Tensor], x: torch.Tensor, uids: list[str], dtype: torch.dtype
-    ) -> tuple[dict[int, torch.Tensor], dict[int, set[str]]]:
-        """Get every expert of `work` answered once: retries, hedges, one deadline."""
+        self,
+        work: dict[int, torch.Tensor],
+        x: torch.Tensor,
+        uids: list[str],
+        dtype: torch.dtype,
+        exclude: dict[int, set[str]] | None = None,
+    ) -> tuple[dict[int, torch.Tensor], dict[int, set[str]], dict[int, Receipt]]:
+        """Get every expert of `work` answered once (never by a peer in `exclude`): retries,
+        hedges, one deadline. Returns the answers, the peers tried, and who answered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         answers: dict[int, torch.Tensor] = {}
-        tried: dict[int, set[str]] = defaultdict(set)
+        receipts: dict[int, Receipt] = {}
+        tried: dict[int, set[str]] = defaultdict(set, {e: set(p) for e, p in (exclude or {}).items()})
         inflight: dict[asyncio.Task, PeerCall] = {}
         sent_at: dict[asyncio.Task, float] = {}
         hedged: set[asyncio.Task] = set()
@@ -351,7 +464,8 @@ class Dispatcher:
                     self.health.get(peer).inflight_rows -= call.rows
                     error = task.exception()
                     if error is None:
-                        out, ms = task.result()
+                        answer = task.result()
+                        out, ms = answer.out, answer.ms
                         self.health.get(peer).observe(ms)
                         self.stats.rpcs += 1
                         self.stats.rpc_ms.append(ms)
@@ -360,7 +474,9 @@ class Dispatcher:
                         self.stats.endpoints[peer] = call.replica.record.endpoint
                         offset = 0
                         for expert, (_, rows) in zip(call.experts, call.segments, strict=True):
-                            answers.setdefault(expert, out[offset : offset + rows])
+                            if expert not in answers:
+                                answers[expert] = out[offset : offset + rows]
+                                receipts[expert] = answer.receipt
                             offset += rows
                         continue
                     if getattr(error, "code", None) == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -399,4 +515,4 @@ class Dispatcher:
                 health.outpaced((now - sent_at[task]) * 1e3)
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
-        return answers, tried
+        return answers, tried, receipts

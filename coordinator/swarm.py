@@ -79,7 +79,8 @@ class SwarmView:
                         self._bad_peers.add(peer_id)
                         log.warning("ignoring malformed record of peer %s for %s: %s", peer_id, uid, e)
                     continue
-                replicas.append(Replica(str(peer_id), record, expiration))
+                # the DHT's validators checked the owner's signature and the identity's binding
+                replicas.append(Replica(record.peer_id, record, expiration))
             view[uid] = replicas
         self._replicas = view  # swapped whole: readers never see half a refresh
         self._refreshed_at = started

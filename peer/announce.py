@@ -1,9 +1,10 @@
 """Periodic DHT announcements of this peer's experts, and withdrawal on leave.
 
-Each expert uid is a DHT dictionary key; this peer writes only its own subkey (its DHT
-peer id). Records expire after `ttl_periods` announcement periods, so a crashed peer
-vanishes by itself; a leaving peer writes a LEFT tombstone that outlives its last record
-(the DHT keeps the value with the latest expiration), so readers drop it at once.
+Each expert uid is a DHT dictionary key; this peer writes only its own subkey (its RSA
+owner marker, enforced by every node's validators: protos/validation.py). Records expire
+after `ttl_periods` announcement periods, so a crashed peer vanishes by itself; a leaving
+peer writes a LEFT tombstone that outlives its last record (the DHT keeps the value with
+the latest expiration), so readers drop it at once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 async def _store_all(
-    dht: DHT, node: DHTNode, keys: Sequence[str], subkey: str, value: dict, expiration: float
+    dht: DHT, node: DHTNode, keys: Sequence[str], subkey: bytes, value: dict, expiration: float
 ) -> dict[str, bool]:
     # runs inside the DHT process: one store_many instead of a round trip per expert
     return await node.store_many(list(keys), [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
@@ -36,6 +37,7 @@ class Announcer:
         dht: DHT,
         uids: Sequence[str],
         record: Callable[[], PeerRecord],
+        owner: bytes,
         period: float = 10.0,
         ttl_periods: float = 3.0,
     ) -> None:
@@ -44,7 +46,7 @@ class Announcer:
         self.record = record
         self.period = period
         self.ttl = period * ttl_periods
-        self.subkey = dht.peer_id.to_base58()
+        self.subkey = owner  # our RSA owner marker: only our signed writes land under it
         self._last_expiration = 0.0
         self._task: asyncio.Task | None = None
 

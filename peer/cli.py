@@ -29,6 +29,7 @@ from .selfbench import cached_throughput
 
 if TYPE_CHECKING:
     from .hf_experts import HFHostedExperts
+    from .impair import Impairment
 
 log = logging.getLogger("moe-peer")
 
@@ -100,7 +101,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--ready-file", type=Path, default=None, help="write endpoint/peer id JSON here once serving (for launchers)"
     )
+    sec = s.add_argument_group("security")
+    sec.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help="this peer's identity (Ed25519 + X25519 + DHT signing key; created mode 0600 if absent). "
+        "Default: a fresh identity each run",
+    )
+    sec.add_argument(
+        "--allow-clients", type=Path, default=None, help="private peer: file of coordinator public keys (hex per line)"
+    )
+    sec.add_argument(
+        "--rate-limit", type=float, default=None, help="public peer: token rows/s each client may send (default: none)"
+    )
+    sec.add_argument("--rate-burst", type=float, default=None, help="with --rate-limit: burst size in rows")
+    sec.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="also take unsealed requests (benchmarks, trusted networks): activations then cross the wire in clear",
+    )
+    s.add_argument("--announce-port", type=int, default=None, help="port others dial (default: the bound port)")
+    sim = s.add_argument_group("simulation (moe-swarm simulate): impair this peer on purpose")
+    sim.add_argument("--sim-slowdown", type=float, default=1.0, help="for simulation: compute takes N times as long")
+    sim.add_argument("--sim-latency-ms", type=float, default=0.0, help="for simulation: added to every answer")
+    sim.add_argument("--sim-jitter-ms", type=float, default=0.0, help="for simulation: +- uniform around the latency")
+    sim.add_argument("--sim-loss", type=float, default=0.0, help="for simulation: probability a request fails")
+    sim.add_argument("--sim-seed", type=int, default=None, help="for simulation: seed of the impairment draws")
     s.add_argument("--log-level", default="INFO")
+    k = sub.add_parser("keygen", help="create an identity key file (mode 0600) and print its public key")
+    k.add_argument("path", type=Path, help="where to write the key file (refuses to overwrite)")
     return with_config(parser, "MOE_PEER")  # every flag also from MOE_PEER_* and --config FILE
 
 
@@ -145,13 +175,46 @@ def describe_model(args: argparse.Namespace) -> tuple[str, list[tuple[int, int]]
     return manifest.model_id, pairs, 3 * cfg.hidden_dim * cfg.ffn_dim * cfg.torch_dtype.itemsize
 
 
+def impairment(args: argparse.Namespace) -> Impairment | None:
+    from .impair import Impairment
+
+    imp = Impairment(args.sim_slowdown, args.sim_latency_ms, args.sim_jitter_ms, args.sim_loss, args.sim_seed)
+    return imp if imp.active else None
+
+
 def write_ready_file(path: Path, info: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, path)  # atomic: a launcher never reads half a file
 
 
+def security(args: argparse.Namespace) -> dict:
+    """The servicer's security settings; file and value errors surface before anything starts."""
+    from protos.envelope import Identity
+
+    from .sessions import RateLimiter, read_allowlist
+
+    if args.key_file is not None:
+        identity = Identity.load_or_create(args.key_file)
+    else:
+        identity = Identity.generate()
+        log.info("using a fresh identity (pass --key-file to keep one across restarts)")
+    limiter = None
+    if args.rate_limit is not None:
+        limiter = RateLimiter(args.rate_limit, args.rate_burst or max(args.rate_limit, args.max_rows))
+    allow = read_allowlist(args.allow_clients) if args.allow_clients is not None else None
+    return {
+        "identity": identity,
+        "allow_clients": allow,
+        "rate_limiter": limiter,
+        "allow_plaintext": args.allow_plaintext,
+    }
+
+
 async def serve(args: argparse.Namespace) -> None:
+    impair = impairment(args)  # invalid values fail before anything starts
+    secure = security(args)
+    identity = secure["identity"]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     auto = args.experts == "auto"
     if auto:
@@ -166,6 +229,7 @@ async def serve(args: argparse.Namespace) -> None:
     from hivemind.utils import get_dht_time
 
     from protos.records import count_serving, expert_uid, fetch_latest
+    from protos.validation import dht_validators, owner_subkey
 
     from .announce import Announcer
     from .server import ExpertServicer, start_server
@@ -173,8 +237,16 @@ async def serve(args: argparse.Namespace) -> None:
     # Ctrl-C in a terminal signals the whole process group: p2pd (a Go program) keeps an
     # inherited SIG_IGN, so it stays up until we have drained and withdrawn our records
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/{args.dht_port}"], start=True)
-    peer_id = dht.peer_id.to_base58()
+    rsa = identity.rsa_key()
+    dht = DHT(
+        initial_peers=args.initial_peers,
+        host_maddrs=[f"/ip4/{args.host}/tcp/{args.dht_port}"],
+        record_validators=dht_validators(rsa),
+        start=True,
+    )
+    peer_id = identity.fingerprint
+    owner = owner_subkey(rsa)
+    kx_sig = identity.sign_kx(owner)
     if auto:
         await asyncio.sleep(random.uniform(0, args.placement_delay))
         raw = await fetch_latest(dht, [expert_uid(model_id, layer, e) for layer, e in pairs])
@@ -192,9 +264,11 @@ async def serve(args: argparse.Namespace) -> None:
         max_queue_rows=args.max_queue_rows,
         max_batch_rows=args.max_batch_rows,
         batch_wait_ms=args.batch_wait_ms,
+        impairment=impair,
+        **secure,
     )
     server, port = await start_server(servicer, args.host, args.port, args.max_message_bytes)
-    endpoint = f"{args.announce_host or args.host}:{port}"
+    endpoint = f"{args.announce_host or args.host}:{args.announce_port or port}"
 
     def record() -> PeerRecord:
         return PeerRecord(
@@ -204,9 +278,12 @@ async def serve(args: argparse.Namespace) -> None:
             throughput=throughput,
             device=str(device),
             version=__version__,
+            identity=identity.public,
+            kx=identity.kx_public,
+            kx_sig=kx_sig,
         )
 
-    announcer = Announcer(dht, experts.uids, record, period=args.announce_period)
+    announcer = Announcer(dht, experts.uids, record, owner, period=args.announce_period)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -249,8 +326,23 @@ async def serve(args: argparse.Namespace) -> None:
         dht.shutdown()
 
 
+def keygen(path: Path) -> int:
+    from protos.envelope import Identity
+
+    try:
+        identity = Identity.generate()
+        identity.save(path)
+    except FileExistsError:
+        print(f"moe-peer: error: {path} exists; not overwriting an identity", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (mode 0600)\npublic key: {identity.public.hex()}\npeer id: {identity.fingerprint}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keygen":
+        return keygen(args.path)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )

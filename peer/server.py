@@ -1,9 +1,15 @@
 """grpc.aio ExpertService: validate every request before compute, then run it on the device.
 
 Status codes are part of the contract: NOT_FOUND (expert not hosted here),
-INVALID_ARGUMENT (shape/dtype/bytes wrong), RESOURCE_EXHAUSTED (over a size limit),
-DEADLINE_EXCEEDED (the caller's deadline passed before the answer), UNAVAILABLE (draining),
-INTERNAL (our fault; the message never leaks internals).
+INVALID_ARGUMENT (shape/dtype/bytes wrong), RESOURCE_EXHAUSTED (over a size limit, the
+queue or the caller's rate limit), DEADLINE_EXCEEDED (the caller's deadline passed before
+the answer), UNAVAILABLE (draining), UNAUTHENTICATED (a seal, signature, session, counter or
+timestamp that does not check out; messages stay generic), PERMISSION_DENIED (a caller not
+on this private peer's allowlist), INTERNAL (our fault; the message never leaks internals).
+
+Sealed requests are opened only after every cheap check passed, and their counter is
+marked used only once the payload authenticated, so forgeries cannot burn a session's
+counters. Every answer carries a receipt signed by this peer's identity.
 """
 
 from __future__ import annotations
@@ -23,14 +29,17 @@ from protos import (
     DEFAULT_MAX_ROWS,
     PROTOCOL,
     __version__,
+    envelope,
     grpc_options,
     tensors,
 )
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
+from protos.envelope import EnvelopeError, Identity
 from protos.records import PeerState
 
 from .batcher import DeadlineMissed, MicroBatcher
+from .sessions import RateLimiter, Session, SessionTable
 
 if TYPE_CHECKING:
     from .experts import HostedExperts
@@ -60,8 +69,18 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         max_batch_rows: int = 4096,
         batch_wait_ms: float = 0.0,
         impairment: Impairment | None = None,
+        identity: Identity | None = None,
+        allow_plaintext: bool = False,
+        allow_clients: frozenset[bytes] | None = None,
+        rate_limiter: RateLimiter | None = None,
+        sessions: SessionTable | None = None,
     ) -> None:
         self.experts = experts
+        self.identity = identity or Identity.generate()
+        self.allow_plaintext = allow_plaintext  # unsealed requests: benchmarks and trusted networks only
+        self.allow_clients = allow_clients  # None: a public peer
+        self.rate_limiter = rate_limiter
+        self.sessions = sessions or SessionTable()
         self.impairment = impairment  # simulated slow device / network, for `moe-swarm simulate` only
         self.peer_id = peer_id
         self.max_rows = max_rows
@@ -113,28 +132,98 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 f"inputs shape is {list(inp.shape)}; segments need [{rows}, {hidden}]",
             )
         try:
-            x = tensors.decode(inp, max_bytes=self.max_message_bytes)
+            _, _, expected = tensors.check_header(inp, max_bytes=self.max_message_bytes)
         except tensors.TensorCodecError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        return x, segments
+        sealed = bool(request.session_id)
+        if len(inp.data) != expected + (envelope.TAG_LEN if sealed else 0):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"inputs carry {len(inp.data)} bytes; shape {list(inp.shape)} {inp.dtype} needs {expected}"
+                + (f" + {envelope.TAG_LEN} (seal tag)" if sealed else ""),
+            )
+        return segments, rows
+
+    def open_inputs(
+        self, request: pb.ForwardRequest, segments: list[tuple[str, int]], context: grpc.aio.ServicerContext
+    ) -> tuple[torch.Tensor, bytes, Session | None]:
+        """The plaintext inputs, the request header they were bound to, and the session."""
+        inp = request.inputs
+        header = envelope.request_header(
+            request.session_id,
+            request.request_id,
+            request.counter,
+            request.timestamp_ms,
+            request.deadline_ms,
+            segments,
+            inp.dtype,
+            inp.shape,
+        )
+        session = None
+        if not request.session_id:
+            if not self.allow_plaintext:
+                raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "this peer only takes sealed requests")
+            if self.allow_clients is not None:
+                raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "this peer only serves allowlisted clients")
+            plaintext, client = inp.data, context.peer()
+        else:
+            session = self.sessions.get(request.session_id)
+            if session is None:
+                raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
+            try:
+                envelope.check_fresh(request.timestamp_ms)
+                plaintext = envelope.open_sealed(session.keys.to_peer, request.counter, inp.data, header)
+            except EnvelopeError as e:
+                raise RequestError(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+            if not session.window.accept(request.counter):
+                raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "replayed or too old counter")
+            client = session.client
+        rows = sum(r for _, r in segments)
+        if self.rate_limiter is not None and not self.rate_limiter.allow(client, rows):
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit for this client exceeded")
+        dtype = tensors.dtype_from_name(inp.dtype)
+        return tensors.from_bytes(plaintext, dtype, tuple(inp.shape)), header, session
+
+    def answer(
+        self,
+        request: pb.ForwardRequest,
+        header: bytes,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        segments: list[tuple[str, int]],
+        session: Session | None,
+    ) -> tuple[pb.Tensor, bytes]:
+        """The output tensor message (sealed when the request was) and the signed receipt."""
+        dtype, shape, data = tensors.payload(out)
+        out_header = envelope.response_header(header, dtype, shape)
+        statement = envelope.receipt_statement(
+            envelope.digest(header, tensors.payload(x)[2]),
+            envelope.digest(out_header, data),
+            [u for u, _ in segments],
+            self.experts.model_id,
+        )
+        if session is not None:
+            data = envelope.seal(session.keys.to_client, request.counter, data, out_header)
+        return pb.Tensor(dtype=dtype, shape=shape, data=bytes(data)), self.identity.sign(statement)
 
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         admitted = 0
         try:
             if self.state is not PeerState.ONLINE:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state.value}")
-            x, segments = self.validate(request)
+            segments, rows = self.validate(request)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
-            if self.load + x.shape[0] > self.max_queue_rows:
+            if self.load + rows > self.max_queue_rows:
                 # refuse at once so the coordinator goes to another replica instead of waiting;
                 # queued work, and so memory, stays bounded under any load
                 raise RequestError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"overloaded: {self.load} rows queued, {x.shape[0]} more exceed {self.max_queue_rows}",
+                    f"overloaded: {self.load} rows queued, {rows} more exceed {self.max_queue_rows}",
                 )
-            admitted = x.shape[0]
+            x, header, session = self.open_inputs(request, segments, context)
+            admitted = rows
             self.load += admitted
             deadline = None if remaining is None else time.monotonic() + remaining
             try:
@@ -146,13 +235,15 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during compute")
+            outputs, receipt = self.answer(request, header, x, out, segments, session)
             self.served_requests += 1
             self.served_rows += admitted
             return pb.ForwardResponse(
                 request_id=request.request_id,
-                outputs=tensors.encode(out),
+                outputs=outputs,
                 queue_ms=queue_ms,
                 compute_ms=compute_ms,
+                receipt=receipt,
             )
         except RequestError as e:
             await context.abort(e.code, str(e))
@@ -163,6 +254,23 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error while computing experts")
         finally:
             self.load -= admitted
+
+    async def OpenSession(self, request: pb.SessionHello, context: grpc.aio.ServicerContext) -> pb.SessionAccept:
+        hello = envelope.Hello(
+            request.client_identity, request.client_ephemeral, request.timestamp_ms, request.signature
+        )
+        try:
+            if self.allow_clients is not None and request.client_identity not in self.allow_clients:
+                raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "this peer only serves allowlisted clients")
+            keys = envelope.accept_hello(self.identity, hello)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EnvelopeError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        self.sessions.add(keys, request.client_identity)
+        return pb.SessionAccept(session_id=keys.session_id, ttl_s=int(self.sessions.ttl_s))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         dtype = tensors.dtype_name(self.experts.dtype)
@@ -187,6 +295,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             state=self.state.value,
             requests_served=self.served_requests,
             rows_served=self.served_rows,
+            identity=self.identity.public,
+            kx_public=self.identity.kx_public,
         )
 
 

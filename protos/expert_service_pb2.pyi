@@ -25,26 +25,56 @@ class Segment(_message.Message):
     def __init__(self, expert_uid: _Optional[str] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "segments", "inputs")
+    __slots__ = ("request_id", "segments", "inputs", "session_id", "counter", "timestamp_ms", "deadline_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     inputs: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    session_id: bytes
+    counter: int
+    timestamp_ms: int
+    deadline_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., session_id: _Optional[bytes] = ..., counter: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("request_id", "outputs", "queue_ms", "compute_ms")
+    __slots__ = ("request_id", "outputs", "queue_ms", "compute_ms", "receipt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     outputs: Tensor
     queue_ms: float
     compute_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    receipt: bytes
+    def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., receipt: _Optional[bytes] = ...) -> None: ...
+
+class SessionHello(_message.Message):
+    __slots__ = ("client_identity", "client_ephemeral", "timestamp_ms", "signature")
+    CLIENT_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_EPHEMERAL_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    client_identity: bytes
+    client_ephemeral: bytes
+    timestamp_ms: int
+    signature: bytes
+    def __init__(self, client_identity: _Optional[bytes] = ..., client_ephemeral: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SessionAccept(_message.Message):
+    __slots__ = ("session_id", "ttl_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    ttl_s: int
+    def __init__(self, session_id: _Optional[bytes] = ..., ttl_s: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -65,7 +95,7 @@ class ExpertInfo(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., hidden_dim: _Optional[int] = ..., ffn_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "protocol", "peer_id", "model_id", "experts", "max_message_bytes", "max_rows", "device", "state", "requests_served", "rows_served")
+    __slots__ = ("version", "protocol", "peer_id", "model_id", "experts", "max_message_bytes", "max_rows", "device", "state", "requests_served", "rows_served", "identity", "kx_public")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +107,8 @@ class InfoResponse(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    KX_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     version: str
     protocol: str
     peer_id: str
@@ -88,4 +120,6 @@ class InfoResponse(_message.Message):
     state: str
     requests_served: int
     rows_served: int
-    def __init__(self, version: _Optional[str] = ..., protocol: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., max_rows: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[str] = ..., requests_served: _Optional[int] = ..., rows_served: _Optional[int] = ...) -> None: ...
+    identity: bytes
+    kx_public: bytes
+    def __init__(self, version: _Optional[str] = ..., protocol: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., max_rows: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[str] = ..., requests_served: _Optional[int] = ..., rows_served: _Optional[int] = ..., identity: _Optional[bytes] = ..., kx_public: _Optional[bytes] = ...) -> None: ...

@@ -44,6 +44,11 @@ class ExpertServiceStub:
                 request_serializer=protos_dot_expert__service__pb2.InfoRequest.SerializeToString,
                 response_deserializer=protos_dot_expert__service__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/moe_swarm.v1.ExpertService/OpenSession',
+                request_serializer=protos_dot_expert__service__pb2.SessionHello.SerializeToString,
+                response_deserializer=protos_dot_expert__service__pb2.SessionAccept.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -61,6 +66,12 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +84,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=protos_dot_expert__service__pb2.InfoRequest.FromString,
                     response_serializer=protos_dot_expert__service__pb2.InfoResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=protos_dot_expert__service__pb2.SessionHello.FromString,
+                    response_serializer=protos_dot_expert__service__pb2.SessionAccept.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +145,33 @@ class ExpertService:
             '/moe_swarm.v1.ExpertService/Info',
             protos_dot_expert__service__pb2.InfoRequest.SerializeToString,
             protos_dot_expert__service__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_swarm.v1.ExpertService/OpenSession',
+            protos_dot_expert__service__pb2.SessionHello.SerializeToString,
+            protos_dot_expert__service__pb2.SessionAccept.FromString,
             options,
             channel_credentials,
             insecure,

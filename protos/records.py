@@ -1,8 +1,11 @@
 """DHT keys and the record a peer announces for each expert it hosts.
 
-Layout: one DHT dictionary key per expert uid, one subkey per hosting peer (the peer's
-id), value = PeerRecord.to_dict(). Several peers can host the same expert; each owns
-only its own subkey.
+Layout: one DHT dictionary key per expert uid, one subkey per hosting peer, value =
+PeerRecord.to_dict(). Several peers can host the same expert; each owns only its own
+subkey: the subkey *is* the peer's RSA owner marker (`[owner:ssh-rsa ...]`), so hivemind's
+RSASignatureValidator makes every node refuse a write to it not signed by that key (a
+marker in the key would not be enforced: keys are hashed before validators see them).
+protos.validation.PeerRecordValidator refuses everything else; every node runs both.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+
+from .envelope import PUBLIC_KEY_LEN, SIGNATURE_LEN, fingerprint, kx_statement, verify
 
 if TYPE_CHECKING:
     from hivemind import DHT
@@ -60,6 +65,17 @@ class PeerRecord:
     throughput: float  # tokens/s the peer measured for itself (0 = unknown)
     device: str
     version: str
+    identity: bytes = b""  # Ed25519 public key: receipts verify against it; the peer's name is its fingerprint
+    kx: bytes = b""  # static X25519 public key coordinators open sessions to
+    kx_sig: bytes = b""  # identity's signature over (kx, this record's DHT owner)
+
+    @property
+    def peer_id(self) -> str:
+        return fingerprint(self.identity)
+
+    def binds(self, owner: bytes) -> bool:
+        """The identity vouches for this kx key under this DHT owner (see envelope.Identity.sign_kx)."""
+        return verify(self.identity, self.kx_sig, kx_statement(self.kx, owner))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,6 +101,9 @@ class PeerRecord:
         for name in ("device", "version"):
             if not isinstance(raw[name], str) or len(raw[name]) > 64:
                 raise ValueError(f"bad {name} {raw[name]!r}")
+        for name, size in (("identity", PUBLIC_KEY_LEN), ("kx", PUBLIC_KEY_LEN), ("kx_sig", SIGNATURE_LEN)):
+            if not isinstance(raw[name], bytes) or len(raw[name]) != size:
+                raise ValueError(f"{name} must be {size} bytes")
         return cls(
             endpoint=endpoint,
             state=PeerState(raw["state"]),
@@ -92,6 +111,9 @@ class PeerRecord:
             throughput=float(throughput),
             device=raw["device"],
             version=raw["version"],
+            identity=raw["identity"],
+            kx=raw["kx"],
+            kx_sig=raw["kx_sig"],
         )
 
 

@@ -41,17 +41,23 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise TensorCodecError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
-def encode(tensor: torch.Tensor) -> pb.Tensor:
+def payload(tensor: torch.Tensor) -> tuple[str, list[int], memoryview]:
+    """(dtype name, shape, a zero-copy view of the raw bytes) of a CPU tensor."""
     name = dtype_name(tensor.dtype)
     t = tensor.detach().to("cpu").contiguous()
     # view as bytes (1-D first: 0-dim tensors cannot change element size); works for bfloat16,
     # which numpy cannot represent
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return pb.Tensor(dtype=name, shape=list(t.shape), data=data)
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return name, list(t.shape), data
 
 
-def decode(msg: pb.Tensor, *, max_bytes: int | None = None) -> torch.Tensor:
-    """Rebuild a tensor, refusing anything whose header and bytes disagree."""
+def encode(tensor: torch.Tensor) -> pb.Tensor:
+    name, shape, data = payload(tensor)
+    return pb.Tensor(dtype=name, shape=shape, data=data.tobytes())
+
+
+def check_header(msg: pb.Tensor, *, max_bytes: int | None = None) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """(dtype, shape, payload bytes) a tensor message announces, refusing impossible headers."""
     dtype = dtype_from_name(msg.dtype)
     shape = tuple(msg.shape)
     if len(shape) > MAX_NDIM:
@@ -62,14 +68,24 @@ def decode(msg: pb.Tensor, *, max_bytes: int | None = None) -> torch.Tensor:
     expected = math.prod(shape) * itemsize
     if max_bytes is not None and expected > max_bytes:
         raise TensorCodecError(f"tensor of shape {list(shape)} needs {expected} bytes; the limit is {max_bytes}")
-    data = msg.data
-    if len(data) != expected:
-        raise TensorCodecError(
-            f"tensor of shape {list(shape)} and dtype {msg.dtype} needs {expected} bytes, got {len(data)}"
-        )
-    if expected == 0:
+    return dtype, shape, expected
+
+
+def from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Wraps `data` (whose length the caller checked) without a copy."""
+    if math.prod(shape) == 0:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():
-        # the buffer is read-only protobuf bytes; nothing writes into a decoded input
+        # the buffer is read-only bytes; nothing writes into a decoded input
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(data, dtype=dtype).view(shape)
+
+
+def decode(msg: pb.Tensor, *, max_bytes: int | None = None) -> torch.Tensor:
+    """Rebuild a tensor, refusing anything whose header and bytes disagree."""
+    dtype, shape, expected = check_header(msg, max_bytes=max_bytes)
+    if len(msg.data) != expected:
+        raise TensorCodecError(
+            f"tensor of shape {list(shape)} and dtype {msg.dtype} needs {expected} bytes, got {len(msg.data)}"
+        )
+    return from_bytes(msg.data, dtype, shape)

@@ -12,6 +12,7 @@ from protos import grpc_options, tensors, toy_model
 from protos.records import expert_uid
 
 from .conftest import MAX_MESSAGE_BYTES, MAX_ROWS, TINY, peer
+from .sealing import SealedStub
 
 H = TINY.hidden_dim
 
@@ -42,7 +43,7 @@ def status_of(stub, req, timeout: float = 10.0) -> tuple[grpc.StatusCode, str]:
 
 
 def assert_still_serves(stub, uid):
-    out = tensors.decode(stub.Forward(request(uid, torch.ones(2, H)), timeout=10).outputs)
+    out = SealedStub(stub).forward(uid, torch.ones(2, H))
     assert out.shape == (2, H) and torch.isfinite(out).all()
 
 
@@ -105,6 +106,11 @@ CASES = {
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         str(MAX_ROWS),
     ),
+    "plaintext to a sealed-only peer": (
+        lambda uid: request(uid, torch.ones(2, H)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "only takes sealed requests",
+    ),
     "over the message size limit": (
         lambda uid: request(uid, torch.ones(MAX_MESSAGE_BYTES // (4 * H) + 16, H)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -124,7 +130,7 @@ def test_bad_request_gets_precise_status(stub, uid, case):
 
 def test_missed_deadline(stub, uid):
     # 4096 rows take several ms of compute; a 1 ms deadline cannot be met
-    got_code, _ = status_of(stub, request(uid, torch.randn(MAX_ROWS, H)), timeout=0.001)
+    got_code, _ = status_of(stub, SealedStub(stub).build(uid, torch.randn(MAX_ROWS, H)).request, timeout=0.001)
     assert got_code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_still_serves(stub, uid)
 

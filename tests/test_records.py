@@ -2,10 +2,21 @@ from __future__ import annotations
 
 import pytest
 
+from protos.envelope import Identity
 from protos.records import PeerRecord, PeerState, expert_uid, parse_expert_uid
 
+IDENTITY = Identity.generate()
+OWNER = b"[owner:ssh-rsa AAAAowner]"
 GOOD = PeerRecord(
-    endpoint="127.0.0.1:5000", state=PeerState.ONLINE, load=3, throughput=1e4, device="cpu", version="0.1.0"
+    endpoint="127.0.0.1:5000",
+    state=PeerState.ONLINE,
+    load=3,
+    throughput=1e4,
+    device="cpu",
+    version="0.1.0",
+    identity=IDENTITY.public,
+    kx=IDENTITY.kx_public,
+    kx_sig=IDENTITY.sign_kx(OWNER),
 )
 
 
@@ -35,6 +46,9 @@ def test_record_roundtrip():
         {"state": "sleeping"},
         {"device": "x" * 100},
         {"extra": 1},
+        {"identity": b"short"},
+        {"kx": "not bytes"},
+        {"kx_sig": b"\0" * 63},
     ],
 )
 def test_bad_records_are_refused(patch):
@@ -49,3 +63,11 @@ def test_non_dict_record_is_refused():
 
 def test_only_online_peers_serve():
     assert [s for s in PeerState if s.serving] == [PeerState.ONLINE]
+
+
+def test_kx_key_is_bound_to_identity_and_owner():
+    assert GOOD.binds(OWNER)
+    assert not GOOD.binds(b"[owner:ssh-rsa AAAAsomeone-else]")  # triple copied into another owner's record
+    other = Identity.generate()
+    assert not PeerRecord(**{**GOOD.__dict__, "kx": other.kx_public}).binds(OWNER)  # swapped kx key
+    assert GOOD.peer_id == IDENTITY.fingerprint

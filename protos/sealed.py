@@ -1,0 +1,87 @@
+"""Forward messages as a client builds and checks them: sealed (or plaintext) requests and
+their answers, with the peer's receipt verified. One implementation for every caller."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import envelope, tensors
+from . import expert_service_pb2 as pb
+from .envelope import EnvelopeError, Identity, SessionKeys
+from .records import parse_expert_uid
+
+
+def hello(identity: Identity, peer_kx: bytes) -> tuple[pb.SessionHello, SessionKeys]:
+    h, keys = envelope.client_hello(identity, peer_kx)
+    msg = pb.SessionHello(
+        client_identity=h.client_identity,
+        client_ephemeral=h.client_ephemeral,
+        timestamp_ms=h.timestamp_ms,
+        signature=h.signature,
+    )
+    return msg, keys
+
+
+@dataclass
+class Sent:
+    """A built request and what is needed to check its answer."""
+
+    request: pb.ForwardRequest
+    header: bytes
+    plaintext: memoryview
+    keys: SessionKeys | None
+
+
+def build_request(
+    segments: Sequence[tuple[str, int]],
+    rows: torch.Tensor,
+    timeout_s: float,
+    keys: SessionKeys | None = None,
+    counter: int = 0,
+) -> Sent:
+    """The Forward request for `rows` (segments' rows concatenated), sealed under `keys` if given."""
+    name, shape, data = tensors.payload(rows)
+    request_id = uuid.uuid4().hex
+    now_ms = envelope.wall_ms()
+    session_id = keys.session_id if keys else b""
+    deadline_ms = now_ms + int(timeout_s * 1000)
+    header = envelope.request_header(session_id, request_id, counter, now_ms, deadline_ms, segments, name, shape)
+    payload = envelope.seal(keys.to_peer, counter, data, header) if keys else data.tobytes()
+    request = pb.ForwardRequest(
+        request_id=request_id,
+        segments=[pb.Segment(expert_uid=u, num_rows=n) for u, n in segments],
+        inputs=pb.Tensor(dtype=name, shape=shape, data=payload),
+        session_id=session_id,
+        counter=counter,
+        timestamp_ms=now_ms,
+        deadline_ms=deadline_ms,
+    )
+    return Sent(request, header, data, keys)
+
+
+def open_response(sent: Sent, response: pb.ForwardResponse, peer_identity: bytes) -> tuple[torch.Tensor, bytes]:
+    """(outputs, the receipt statement the peer signed); EnvelopeError if anything does not check out."""
+    inp, out = sent.request.inputs, response.outputs
+    if out.dtype != inp.dtype or list(out.shape) != list(inp.shape):
+        raise EnvelopeError(f"returned {out.dtype} {list(out.shape)}, expected {inp.dtype} {list(inp.shape)}")
+    out_header = envelope.response_header(sent.header, out.dtype, out.shape)
+    if sent.keys is not None:
+        plain = envelope.open_sealed(sent.keys.to_client, sent.request.counter, out.data, out_header)
+    else:
+        plain = out.data
+    if len(plain) != len(sent.plaintext):
+        raise EnvelopeError(f"returned {len(plain)} bytes, expected {len(sent.plaintext)}")
+    uids = [s.expert_uid for s in sent.request.segments]
+    statement = envelope.receipt_statement(
+        envelope.digest(sent.header, sent.plaintext),
+        envelope.digest(out_header, plain),
+        uids,
+        parse_expert_uid(uids[0])[0],
+    )
+    if not envelope.verify(peer_identity, response.receipt, statement):
+        raise EnvelopeError("receipt signature does not verify against the identity the peer announced")
+    return tensors.from_bytes(plain, tensors.dtype_from_name(out.dtype), tuple(out.shape)), statement
