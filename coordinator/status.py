@@ -1,0 +1,342 @@
+"""`moe-swarm status`: what the DHT says about one model's experts, as rich tables or JSON.
+
+Per expert: every peer record under its key (state, load, throughput, device, version and
+how long until the record expires), and how many replicas serve it now; experts nobody
+serves are highlighted. Per peer: what it hosts. One `latest=True` read of every expert key
+through a client-mode DHT node (it stores nobody's records).
+
+Which experts to ask about comes from a checkpoint (`--checkpoint` toy folder, or `--model`
+given a Hugging Face / toy folder), or from `--model ID` plus `--layers/--experts`. A bare
+`--model ID` without them scans the DHT for the grid (see `scan_grid`): it finds every
+expert somebody announces, but an expert past the last announced one in its layer, or a
+trailing layer nobody hosts, is invisible to a scan. Give the sizes to see those gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from protos import toy_model
+from protos.records import PeerRecord, expert_uid, fetch_latest, parse_expert_uid
+
+SCAN_EXPERT_CHUNK = 64  # experts probed per round while scanning
+SCAN_LAYER_CHUNK = 8  # layers probed per round while scanning
+SCAN_SAMPLE_LAYERS = 8  # layers whose experts are probed to find the expert count
+SCAN_LIMIT = 4096  # a scan never probes past this layer / expert index
+
+
+def add_status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes of the swarm")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--model",
+        help="a model id as peers announce it (e.g. mixtral-0123456789abcdef), or a Hugging Face / moe-swarm "
+        "checkpoint folder to take the id and expert list from",
+    )
+    src.add_argument("--checkpoint", type=Path, help="moe-swarm toy checkpoint folder (moe_swarm.json)")
+    p.add_argument("--layers", type=int, default=None, help="with --model ID: MoE layers 0..N-1 (default: scan)")
+    p.add_argument("--experts", type=int, default=None, help="with --model ID: experts per layer (default: scan)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+@dataclass
+class ReplicaStatus:
+    peer_id: str
+    expires_in: float  # seconds until the record expires (a peer refreshes it every announce period)
+    endpoint: str | None = None
+    state: str | None = None  # joining | online | draining | left; None when the record is malformed
+    load: int | None = None
+    throughput: float | None = None
+    device: str | None = None
+    version: str | None = None
+    error: str | None = None  # why the record was rejected
+
+    @property
+    def serving(self) -> bool:
+        return self.error is None and self.state == "online" and self.expires_in > 0
+
+
+@dataclass
+class ExpertStatus:
+    uid: str
+    layer: int
+    expert: int
+    replicas: list[ReplicaStatus] = field(default_factory=list)
+
+    @property
+    def serving(self) -> int:
+        return sum(r.serving for r in self.replicas)
+
+
+@dataclass
+class SwarmStatus:
+    model_id: str
+    grid: str  # where the expert list came from: checkpoint | flags | scan
+    experts: list[ExpertStatus]
+
+    @property
+    def missing(self) -> list[str]:
+        return [e.uid for e in self.experts if not e.serving]
+
+    def peers(self) -> list[dict[str, Any]]:
+        """One entry per peer seen under any expert key, with the experts it announces."""
+        by_peer: dict[str, dict[str, Any]] = {}
+        for e in self.experts:
+            for r in e.replicas:
+                entry = by_peer.setdefault(r.peer_id, {**asdict(r), "experts": [], "serving_experts": 0})
+                entry["experts"].append(e.uid)
+                entry["serving_experts"] += r.serving
+                if r.error is None and (entry["error"] is not None or r.expires_in > entry["expires_in"]):
+                    entry.update(asdict(r))  # show the freshest valid record
+        return sorted(by_peer.values(), key=lambda p: (p["endpoint"] or "", p["peer_id"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "grid": self.grid,
+            "layers": sorted({e.layer for e in self.experts}),
+            "experts": [
+                {
+                    **asdict(e),
+                    "serving": e.serving,
+                    "replicas": [{**asdict(r), "serving": r.serving} for r in e.replicas],
+                }
+                for e in self.experts
+            ],
+            "missing": self.missing,
+            "peers": [{**p, "hosts": hosted_spec(p["experts"], self.experts)} for p in self.peers()],
+        }
+
+
+def parse_replicas(subkeys: dict[Any, tuple[object, float]], now: float) -> list[ReplicaStatus]:
+    out = []
+    for owner, (value, expiration) in subkeys.items():
+        expires_in = round(expiration - now, 3)
+        try:
+            rec = PeerRecord.from_dict(value)
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as e:  # validators drop these; if one slips by, show it, never count it
+            out.append(ReplicaStatus(f"?{hash(owner) & 0xFFFFFFFF:08x}", expires_in, error=str(e)[:200]))
+            continue
+        out.append(
+            ReplicaStatus(
+                rec.peer_id,  # the identity's fingerprint, as peers log it (the subkey is the DHT owner marker)
+                expires_in,
+                endpoint=rec.endpoint,
+                state=rec.state.value,
+                load=rec.load,
+                throughput=rec.throughput,
+                device=rec.device,
+                version=rec.version,
+            )
+        )
+    return sorted(out, key=lambda r: (not r.serving, r.endpoint or "", r.peer_id))
+
+
+async def scan_grid(dht, model_id: str, layers: int | None, experts: int | None) -> tuple[int, int]:
+    """(layers, experts per layer) from the highest indices anybody announces.
+
+    Experts: probe the first few layers in chunks until a chunk finds nobody; layers: probe
+    chunks of whole layers the same way. Cheap for real sizes (a few get_many calls) and
+    blind only past the last announced index, which the module docstring states."""
+
+    async def announced(uids: list[str]) -> set[tuple[int, int]]:
+        raw = await fetch_latest(dht, uids)
+        return {parse_expert_uid(uid)[1:] for uid, subkeys in raw.items() if subkeys}
+
+    found: set[tuple[int, int]] = set()
+    if experts is None:
+        sample = range(min(layers or SCAN_SAMPLE_LAYERS, SCAN_SAMPLE_LAYERS))
+        for start in range(0, SCAN_LIMIT, SCAN_EXPERT_CHUNK):
+            hits = await announced(
+                [expert_uid(model_id, la, e) for la in sample for e in range(start, start + SCAN_EXPERT_CHUNK)]
+            )
+            if not hits:
+                break
+            found |= hits
+        experts = max((e for _, e in found), default=-1) + 1
+    if layers is None:
+        for start in range(0, SCAN_LIMIT, SCAN_LAYER_CHUNK):
+            hits = await announced(
+                [expert_uid(model_id, la, e) for la in range(start, start + SCAN_LAYER_CHUNK) for e in range(experts)]
+            )
+            # keep going past a chunk of dense layers only if something was found before it
+            if not hits and (found or start > 0):
+                break
+            found |= hits
+        layers = max((la for la, _ in found), default=-1) + 1
+    return layers, experts
+
+
+def resolve_uids(args: argparse.Namespace) -> tuple[str, list[str] | None, str]:
+    """(model id, expert uids or None when they must be scanned, where they came from)."""
+    if args.checkpoint is not None:
+        manifest = toy_model.read_manifest(args.checkpoint)
+        return manifest.model_id, manifest.uids(), "checkpoint"
+    folder = Path(args.model)
+    if folder.is_dir():
+        if (folder / toy_model.MANIFEST).is_file():
+            manifest = toy_model.read_manifest(folder)
+            return manifest.model_id, manifest.uids(), "checkpoint"
+        from .models.hf import checkpoint_info
+
+        info = checkpoint_info(folder)
+        return info.manifest.model_id, info.uids, "checkpoint"
+    model_id = args.model
+    expert_uid(model_id, 0, 0)  # ValueError naming the bad id (also catches a mistyped folder path)
+    if args.layers is not None and args.experts is not None:
+        uids = [expert_uid(model_id, la, e) for la in range(args.layers) for e in range(args.experts)]
+        return model_id, uids, "flags"
+    return model_id, None, "scan"
+
+
+async def collect(
+    dht, model_id: str, uids: list[str] | None, grid: str, layers: int | None = None, experts: int | None = None
+) -> SwarmStatus:
+    from hivemind.utils import get_dht_time
+
+    if uids is None:
+        layers, experts = await scan_grid(dht, model_id, layers, experts)
+        if not layers or not experts:
+            raise ValueError(f"nobody announces experts of {model_id} in this swarm (scanned the DHT)")
+        uids = [expert_uid(model_id, la, e) for la in range(layers) for e in range(experts)]
+    now = get_dht_time()
+    raw = await fetch_latest(dht, uids)
+    experts = []
+    for uid in uids:
+        _, layer, e = parse_expert_uid(uid)
+        experts.append(ExpertStatus(uid, layer, e, parse_replicas(raw.get(uid, {}), now)))
+    return SwarmStatus(model_id, grid, experts)
+
+
+def hosted_spec(uids: Iterable[str], experts: Sequence[ExpertStatus]) -> str:
+    """Compact LAYER:EXPERTS list of what a peer hosts, in `moe-peer serve --experts` syntax."""
+    per_layer: dict[int, list[int]] = {}
+    for uid in uids:
+        _, layer, e = parse_expert_uid(uid)
+        per_layer.setdefault(layer, []).append(e)
+    all_in_layer: dict[int, set[int]] = {}
+    for x in experts:
+        all_in_layer.setdefault(x.layer, set()).add(x.expert)
+    items = [
+        f"{layer}:{'*' if set(es) == all_in_layer.get(layer) else _ranges(sorted(es))}"
+        for layer, es in sorted(per_layer.items())
+    ]
+    return ",".join(items)
+
+
+def _ranges(values: list[int]) -> str:
+    parts = []
+    for _, run in itertools.groupby(enumerate(values), key=lambda iv: iv[1] - iv[0]):
+        run = [v for _, v in run]
+        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return "+".join(parts)
+
+
+_STATE_STYLE = {"online": "green", "joining": "yellow", "draining": "yellow", "left": "dim"}
+
+
+def _replica_line(r: ReplicaStatus) -> Text:
+    if r.error is not None:
+        return Text(f"{r.peer_id[-8:]} invalid record: {r.error}", style="red")
+    state = r.state if r.expires_in > 0 else "expired"
+    return Text.assemble(
+        (f"{r.peer_id[:8]} {r.endpoint} ", ""),
+        (state or "", _STATE_STYLE.get(state or "", "dim")),
+        f" load {r.load} {r.throughput:.0f} tok/s {r.expires_in:.0f}s",
+    )
+
+
+def experts_table(status: SwarmStatus) -> Table:
+    table = Table(title=f"experts of {status.model_id}", caption="last column: seconds until the record expires")
+    for col, justify in (("layer", "right"), ("expert", "right"), ("replicas", "right"), ("peers", "left")):
+        table.add_column(col, justify=justify)
+    for e in status.experts:
+        if e.serving:
+            lines = Text("\n").join(_replica_line(r) for r in e.replicas)
+            table.add_row(str(e.layer), str(e.expert), str(e.serving), lines)
+        else:
+            others = [_replica_line(r) for r in e.replicas]
+            lines = Text("\n").join([Text("NO REPLICA", style="bold red"), *others])
+            table.add_row(str(e.layer), str(e.expert), "0", lines, style="bold red")
+    return table
+
+
+def peers_table(status: SwarmStatus) -> Table:
+    table = Table(title="peers")
+    for col in ("peer", "endpoint", "state", "hosts", "load", "tok/s", "device", "version", "expires in"):
+        table.add_column(col, justify="right" if col in ("load", "tok/s", "expires in") else "left")
+    for p in status.peers():
+        if p["error"] is not None:
+            table.add_row(p["peer_id"], "", Text("invalid record", style="red"), hosted_spec(p["experts"], []))
+            continue
+        state = p["state"] if p["expires_in"] > 0 else "expired"
+        table.add_row(
+            p["peer_id"],
+            p["endpoint"],
+            Text(state, style=_STATE_STYLE.get(state, "dim")),
+            hosted_spec(p["experts"], status.experts),
+            str(p["load"]),
+            f"{p['throughput']:.0f}",
+            p["device"],
+            p["version"],
+            f"{p['expires_in']:.1f}s",
+        )
+    return table
+
+
+def print_status(console: Console, status: SwarmStatus) -> None:
+    console.print(experts_table(status))
+    console.print(peers_table(status))
+    n, missing = len(status.experts), status.missing
+    covered = f"{n - len(missing)}/{n} experts have a serving replica, {len(status.peers())} peers"
+    if missing:
+        console.print(f"[bold red]{covered}; no replica: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    else:
+        console.print(f"[green]{covered}")
+    if status.grid == "scan":
+        layers = sorted({e.layer for e in status.experts})
+        console.print(
+            f"[yellow]note:[/] layers and expert count found by scanning the DHT ({len(layers)} layers x "
+            f"{len({e.expert for e in status.experts})} experts); experts past the last announced one are not "
+            "listed: pass --layers and --experts (or a checkpoint) to see every gap"
+        )
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from hivemind import DHT
+
+    from protos.validation import dht_validators
+
+    model_id, uids, grid = resolve_uids(args)  # checkpoint/model-id errors before joining the swarm
+    # client_mode: reads the DHT and stores nobody's records, like the coordinator's SwarmClient
+    dht = DHT(
+        initial_peers=list(args.initial_peers),
+        client_mode=True,
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        record_validators=dht_validators(),  # strips and checks the owners' signatures like every node
+    )
+    try:
+        status = asyncio.run(collect(dht, model_id, uids, grid, args.layers, args.experts))
+    finally:
+        dht.shutdown()
+    if args.json:
+        print(json.dumps(status.to_json(), indent=1))
+    else:
+        print_status(Console(), status)
+    return 0
