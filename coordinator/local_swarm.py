@@ -29,6 +29,7 @@ class Process:
     popen: subprocess.Popen
     log_path: Path
     info: dict = field(default_factory=dict)
+    argv: list[str] = field(default_factory=list)  # what it was started with: a restart reuses it
 
     @property
     def pid(self) -> int:
@@ -71,7 +72,7 @@ class LocalSwarm:
         ready.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:  # a restarted process appends to its predecessor's log
             popen = subprocess.Popen(
                 [sys.executable, *argv, "--ready-file", str(ready)],
                 stdout=log,
@@ -80,22 +81,30 @@ class LocalSwarm:
                 env=env,
                 start_new_session=True,
             )
-        proc = Process(name, popen, log_path)
+        proc = Process(name, popen, log_path, argv=list(argv))
         self.processes.append(proc)
         return proc
 
-    def _wait_ready(self, proc: Process) -> None:
+    def poll_ready(self, proc: Process) -> bool:
+        """Non-blocking: True (and `proc.info` set) once it wrote its ready file; LaunchError if it died first."""
+        if proc.info:
+            return True
         ready = self._ready_path(proc.name)
+        if ready.exists():
+            proc.info = json.loads(ready.read_text())
+            return True
+        if not proc.alive():
+            raise LaunchError(
+                f"{proc.name} exited with {proc.popen.returncode} before it was ready:\n{proc.log_tail()}"
+            )
+        return False
+
+    def _wait_ready(self, proc: Process) -> None:
         deadline = time.monotonic() + self.start_timeout
-        while not ready.exists():
-            if not proc.alive():
-                raise LaunchError(
-                    f"{proc.name} exited with {proc.popen.returncode} before it was ready:\n{proc.log_tail()}"
-                )
+        while not self.poll_ready(proc):
             if time.monotonic() > deadline:
                 raise LaunchError(f"{proc.name} not ready after {self.start_timeout}s:\n{proc.log_tail()}")
             time.sleep(0.05)
-        proc.info = json.loads(ready.read_text())
 
     def start_bootstrap(self) -> Process:
         proc = self._spawn("bootstrap", ["-m", "coordinator", "bootstrap"])
@@ -109,13 +118,23 @@ class LocalSwarm:
         """Start several peers at once (their imports and DHT joins overlap), then wait for all."""
         if not self.initial_peers:
             raise LaunchError("start the bootstrap node before peers")
-        procs = [
-            self._launch(name, ["-m", "peer", "serve", *args, "--initial-peers", *self.initial_peers])
-            for name, args in peers.items()
-        ]
+        procs = [self.launch_peer(name, *args) for name, args in peers.items()]
         for proc in procs:
             self._wait_ready(proc)
         return procs
+
+    def launch_peer(self, name: str, *peer_args: str) -> Process:
+        """Start a peer without waiting for it (see `poll_ready`): the caller goes on meanwhile."""
+        if not self.initial_peers:
+            raise LaunchError("start the bootstrap node before peers")
+        return self._launch(name, ["-m", "peer", "serve", *peer_args, "--initial-peers", *self.initial_peers])
+
+    def relaunch(self, proc: Process) -> Process:
+        """Start a stopped process again with the same arguments (a fresh DHT identity and port); no wait."""
+        if proc.alive():
+            raise LaunchError(f"{proc.name} (pid {proc.pid}) is still running")
+        self.processes = [p for p in self.processes if p is not proc]
+        return self._launch(proc.name, proc.argv)
 
     def stop(self, proc: Process, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         """Signal a process (group) and wait; SIGKILL if it does not exit in time."""
