@@ -232,19 +232,20 @@ def hosted_spec(uids: Iterable[str], experts: Sequence[ExpertStatus]) -> str:
     all_in_layer: dict[int, set[int]] = {}
     for x in experts:
         all_in_layer.setdefault(x.layer, set()).add(x.expert)
-    items = [
-        f"{layer}:{'*' if set(es) == all_in_layer.get(layer) else _ranges(sorted(es))}"
-        for layer, es in sorted(per_layer.items())
-    ]
+    items = []
+    for layer, es in sorted(per_layer.items()):
+        ranges = ["*"] if set(es) == all_in_layer.get(layer) else _ranges(sorted(es))
+        items += [f"{layer}:{r}" for r in ranges]
     return ",".join(items)
 
 
-def _ranges(values: list[int]) -> str:
+def _ranges(values: list[int]) -> list[str]:
+    """[0, 1, 2, 5] -> ['0-2', '5']"""
     parts = []
     for _, run in itertools.groupby(enumerate(values), key=lambda iv: iv[1] - iv[0]):
         run = [v for _, v in run]
         parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return "+".join(parts)
+    return parts
 
 
 _STATE_STYLE = {"online": "green", "joining": "yellow", "draining": "yellow", "left": "dim"}

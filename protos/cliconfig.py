@@ -87,6 +87,14 @@ def _tree(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterat
         yield from _tree(sub, (*path, name))
 
 
+def env_vars(parser: argparse.ArgumentParser, env_prefix: str) -> dict[str, str]:
+    """Every environment variable the parser reads -> its flag (for checking deploy files)."""
+    out = {f"{env_prefix}_CONFIG": CONFIG_FLAG}
+    for _, p in _tree(parser):
+        out.update({env_name(env_prefix, a): f"--{flag_name(a)}" for a in _flags(p)})
+    return out
+
+
 def install(parser: argparse.ArgumentParser, env_prefix: str) -> argparse.ArgumentParser:
     """Add --config to every (sub)parser, env var names to every help text, and layered parsing."""
     for _, p in _tree(parser):
