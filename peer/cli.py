@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-latency-ms", type=float, default=0.0, help="for simulation: added to every answer")
     sim.add_argument("--sim-jitter-ms", type=float, default=0.0, help="for simulation: +- uniform around the latency")
     sim.add_argument("--sim-loss", type=float, default=0.0, help="for simulation: probability a request fails")
+    sim.add_argument(
+        "--sim-corrupt",
+        type=float,
+        default=0.0,
+        help="for tests of spot checks: scale outputs by (1 + this), signed as if correct (a cheating peer)",
+    )
     sim.add_argument("--sim-seed", type=int, default=None, help="for simulation: seed of the impairment draws")
     s.add_argument("--log-level", default="INFO")
     k = sub.add_parser("keygen", help="create an identity key file (mode 0600) and print its public key")
@@ -266,6 +272,7 @@ async def serve(args: argparse.Namespace) -> None:
         batch_wait_ms=args.batch_wait_ms,
         impairment=impair,
         **secure,
+        corrupt_outputs=args.sim_corrupt,
     )
     server, port = await start_server(servicer, args.host, args.port, args.max_message_bytes)
     endpoint = f"{args.announce_host or args.host}:{args.announce_port or port}"

@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from protos import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from .impair import Impairment
 
 log = logging.getLogger(__name__)
+UNPARSABLE = "request bytes are not a valid protobuf message of this method"
 
 
 class RequestError(Exception):
@@ -74,6 +77,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         allow_clients: frozenset[bytes] | None = None,
         rate_limiter: RateLimiter | None = None,
         sessions: SessionTable | None = None,
+        corrupt_outputs: float = 0.0,
     ) -> None:
         self.experts = experts
         self.identity = identity or Identity.generate()
@@ -81,6 +85,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.allow_clients = allow_clients  # None: a public peer
         self.rate_limiter = rate_limiter
         self.sessions = sessions or SessionTable()
+        self.corrupt_outputs = corrupt_outputs  # a cheating peer, for tests of spot checks only
         self.impairment = impairment  # simulated slow device / network, for `moe-swarm simulate` only
         self.peer_id = peer_id
         self.max_rows = max_rows
@@ -209,6 +214,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         admitted = 0
         try:
+            if request is None:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
             if self.state is not PeerState.ONLINE:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state.value}")
             segments, rows = self.validate(request)
@@ -232,6 +239,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued") from None
             if self.impairment is not None:
                 await self.impairment.apply(compute_ms)
+            if self.corrupt_outputs:
+                out = out * (1 + self.corrupt_outputs)  # signed as if honest: only a comparison can tell
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during compute")
@@ -256,6 +265,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             self.load -= admitted
 
     async def OpenSession(self, request: pb.SessionHello, context: grpc.aio.ServicerContext) -> pb.SessionAccept:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
         hello = envelope.Hello(
             request.client_identity, request.client_ephemeral, request.timestamp_ms, request.signature
         )
@@ -273,6 +284,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return pb.SessionAccept(session_id=keys.session_id, ttl_s=int(self.sessions.ttl_s))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
         dtype = tensors.dtype_name(self.experts.dtype)
         return pb.InfoResponse(
             version=__version__,
@@ -300,11 +313,41 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         )
 
 
+def _lenient(message: type) -> Callable[[bytes], object | None]:
+    """A deserializer that answers bytes that are not a valid message with None (the handler
+    then refuses with INVALID_ARGUMENT) instead of grpc's generic UNKNOWN."""
+
+    def parse(data: bytes) -> object | None:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return None
+
+    return parse
+
+
+def service_handler(servicer: ExpertServicer) -> grpc.GenericRpcHandler:
+    methods = {
+        "Forward": (servicer.Forward, pb.ForwardRequest, pb.ForwardResponse),
+        "Info": (servicer.Info, pb.InfoRequest, pb.InfoResponse),
+        "OpenSession": (servicer.OpenSession, pb.SessionHello, pb.SessionAccept),
+    }
+    return grpc.method_handlers_generic_handler(
+        "moe_swarm.v1.ExpertService",
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                handler, request_deserializer=_lenient(req), response_serializer=resp.SerializeToString
+            )
+            for name, (handler, req, resp) in methods.items()
+        },
+    )
+
+
 async def start_server(
     servicer: ExpertServicer, host: str, port: int, max_message_bytes: int
 ) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=grpc_options(max_message_bytes))
-    pb_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((service_handler(servicer),))
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
