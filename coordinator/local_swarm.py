@@ -130,10 +130,8 @@ class LocalSwarm:
         return self._launch(name, ["-m", "peer", "serve", *peer_args, "--initial-peers", *self.initial_peers])
 
     def relaunch(self, proc: Process) -> Process:
-        """Start a stopped process again with the same arguments (a fresh DHT identity and port); no wait."""
-        if proc.alive():
-            raise LaunchError(f"{proc.name} (pid {proc.pid}) is still running")
-        self.processes = [p for p in self.processes if p is not proc]
+        """Start a new incarnation of `proc` with its arguments (a fresh DHT identity and port); no wait.
+        The old one may still be shutting down: it stays tracked until stopped or closed."""
         return self._launch(proc.name, proc.argv)
 
     def stop(self, proc: Process, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
@@ -144,7 +142,8 @@ class LocalSwarm:
         """Signal all first so they leave in parallel, then wait for each."""
         for proc in procs:
             proc.signal(sig, group=sig == signal.SIGKILL)
-        codes = [self._reap(proc, timeout) for proc in procs]
+        deadline = time.monotonic() + timeout  # one deadline for all: they leave in parallel
+        codes = [self._reap(proc, max(deadline - time.monotonic(), 0.0)) for proc in procs]
         self.processes = [p for p in self.processes if p not in procs]
         return codes
 

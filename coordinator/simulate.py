@@ -46,6 +46,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", choices=["generate", "layer"], default="generate", help="what the coordinators send")
     p.add_argument("--family", default="mixtral", help="tiny model family for --load generate")
     p.add_argument("--coordinators", type=int, default=1, help="coordinator clients, each with its own load thread")
+    p.add_argument("--rate", type=float, default=0.0, help="requests/s per coordinator (0: back to back)")
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per request")
     p.add_argument("--tokens", type=int, default=16, help="--load layer: tokens per layer call")
@@ -168,15 +169,22 @@ class RequestRecord:
 class LoadThread(threading.Thread):
     """One coordinator's request loop: back to back until stopped."""
 
-    def __init__(self, index: int, client: SwarmClient, run: Callable[[int], object], check, t0: float) -> None:
+    def __init__(
+        self, index: int, client: SwarmClient, run: Callable[[int], object], check, t0: float, rate: float = 0.0
+    ) -> None:
         super().__init__(name=f"load-{index}", daemon=True)  # daemon: a hung RPC never blocks exit
         self.index, self.client, self.run_one, self.check, self.t0 = index, client, run, check, t0
+        self.rate = rate
         self.records: list[RequestRecord] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         i = self.index * 1000  # coordinators cycle through the prompts from different offsets
+        sent = 0
         while not self.stop.is_set():
+            if self.rate > 0 and self.stop.wait(max(0.0, self.t0 + sent / self.rate - time.monotonic())):
+                break  # paced: request n starts at n / rate (later if the previous one ran long)
+            sent += 1
             start = time.monotonic()
             try:
                 out = self.run_one(i)
@@ -196,7 +204,8 @@ class LoadThread(threading.Thread):
 class SimPeer:
     plan: PeerPlan
     proc: Process | None = None
-    state: str = "down"  # starting | up | stalled | leaving | down
+    state: str = "down"  # starting | up | stalled | down
+    exiting: list[Process] = field(default_factory=list)  # stopped incarnations still draining/shutting down
     since: float = 0.0  # when it entered `state` (monotonic)
     uptime_s: float = 0.0
     restarts: int = 0
@@ -258,8 +267,12 @@ class Simulation:
         self._set(peer, "starting")
 
     def poll(self) -> None:
-        """Advance starting/leaving peers (non-blocking) and fire due timers."""
+        """Advance starting peers, reap exited ones (non-blocking) and fire due timers."""
         for peer in self.peers.values():
+            for proc in [p for p in peer.exiting if not p.alive()]:
+                code = self.swarm.stop(proc, timeout=1)  # reaps it and anything left in its group
+                peer.exiting.remove(proc)
+                self.log("exited", peer.plan.name, f"exit code {code}", pid=proc.pid)
             if peer.state == "starting":
                 try:
                     ready = self.swarm.poll_ready(peer.proc)
@@ -276,10 +289,6 @@ class Simulation:
                     peer.ready_at = time.monotonic()
                     self._set(peer, "up")
                     self.log("ready", peer.plan.name, pid=peer.proc.pid)
-            elif peer.state == "leaving" and not peer.proc.alive():
-                code = self.swarm.stop(peer.proc, timeout=1)  # reaps it and anything left in its group
-                self._set(peer, "down")
-                self.log("exited", peer.plan.name, f"exit code {code}")
         now = time.monotonic()
         for timer in [t for t in self.timers if t.due <= now]:
             peer = self.peers[timer.peer]
@@ -287,16 +296,13 @@ class Simulation:
                 peer.proc.signal(signal.SIGCONT)
                 self._set(peer, "up")
                 self.log("resumed", peer.plan.name, pid=peer.proc.pid)
-            elif timer.action == "restart":
-                if peer.state == "leaving":
-                    continue  # still draining: restart once it is gone
-                if peer.state == "down":
-                    self.launch(peer)
-                    self.log("restart", peer.plan.name, pid=peer.proc.pid)
+            elif timer.action == "restart" and peer.state == "down":
+                self.launch(peer)
+                self.log("restart", peer.plan.name, pid=peer.proc.pid)
             self.timers.remove(timer)
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in ("up", "starting", "stalled", "leaving", "down")}
+        out = {s: 0 for s in ("up", "starting", "stalled", "down")}
         for peer in self.peers.values():
             out[peer.state] += 1
         return out
@@ -339,8 +345,10 @@ class Simulation:
             self.swarm.stop(peer.proc, signal.SIGKILL, timeout=5)  # the group: it and its p2pd, like a dead machine
             self._set(peer, "down")
         elif event.action == "stop":
-            peer.proc.signal(signal.SIGTERM)  # it drains and withdraws; `poll` reaps it
-            self._set(peer, "leaving")
+            # it drains, withdraws and exits (which can take a while); a restart need not wait for that
+            peer.proc.signal(signal.SIGTERM)
+            peer.exiting.append(peer.proc)
+            self._set(peer, "down")
         else:
             peer.proc.signal(signal.SIGSTOP)
             self._set(peer, "stalled")
@@ -480,8 +488,7 @@ def live_view(sim: Simulation, records: list[RequestRecord], stats: DispatchStat
     head = Table.grid(padding=(0, 2))
     head.add_row(
         f"[bold]t {sim.now():5.1f}/{duration:g}s",
-        f"peers up {c['up']}/{len(sim.peers)} (starting {c['starting']}, stalled {c['stalled']}, "
-        f"leaving {c['leaving']}, down {c['down']})",
+        f"peers up {c['up']}/{len(sim.peers)} (starting {c['starting']}, stalled {c['stalled']}, down {c['down']})",
     )
     head.add_row(
         f"requests {len(records)}: {ok} ok, {len(records) - ok} failed",
@@ -597,7 +604,13 @@ def run_simulation(args: argparse.Namespace, console: Console | None = None) -> 
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with LocalSwarm(args.workdir) as swarm:
-            return _run(args, swarm, console)
+            try:
+                return _run(args, swarm, console)
+            finally:
+                stopping, count = time.monotonic(), len(swarm.processes)
+                # SIGTERM (peers drain and withdraw), SIGKILL to the group of any still there after 5 s
+                swarm.stop_many(list(reversed(swarm.processes)), signal.SIGTERM, timeout=5)
+                console.print(f"stopped the {count} processes still running in {time.monotonic() - stopping:.1f}s")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -631,7 +644,7 @@ def _run(args: argparse.Namespace, swarm: LocalSwarm, console: Console) -> dict:
             )
             clients.append(client)
             client.wait_for_experts(timeout=60)
-            threads.append(LoadThread(i, client, workload.make_runner(client), workload.check, 0.0))
+            threads.append(LoadThread(i, client, workload.make_runner(client), workload.check, 0.0, args.rate))
         console.print(f"swarm up and {len(clients)} coordinator(s) ready in {time.monotonic() - started:.1f}s")
         sim.setup_s = time.monotonic() - started
         return _drive(args, sim, schedule, clients, threads, console)

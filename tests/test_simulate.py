@@ -75,7 +75,7 @@ def test_churn_with_replication_two_completes_every_request(tmp_path, cache):
     report, stdout = simulate(
         tmp_path,
         cache,
-        *("--peers", "8", "--replication", "2", "--duration", "24", "--seed", "3"),
+        *("--peers", "8", "--replication", "2", "--duration", "22", "--seed", "3", "--rate", "2"),
         *("--fault-interval", "3", "--faults", "kill=2,stop=1,stall=1", "--downtime", "2", "--stall", "2"),
         *("--plot", str(png)),
     )
@@ -105,7 +105,7 @@ def test_without_replication_lost_experts_are_counted(tmp_path, cache):
     report, _ = simulate(
         tmp_path,
         cache,
-        *("--peers", "4", "--replication", "1", "--duration", "12", "--schedule", str(schedule)),
+        *("--peers", "4", "--replication", "1", "--duration", "10", "--schedule", str(schedule)),
         "--fallback",
         "reroute",
     )
@@ -119,14 +119,14 @@ def test_without_replication_lost_experts_are_counted(tmp_path, cache):
 def test_ctrl_c_stops_everything(tmp_path, cache):
     workdir = tmp_path / "swarm"
     proc = subprocess.Popen(
-        [*SIM, "--cache", str(cache), "--workdir", str(workdir), "--peers", "2", "--replication", "1"],
+        [*SIM, "--cache", str(cache), "--workdir", str(workdir), "--peers", "1", "--replication", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         deadline = time.monotonic() + 90
-        while len(list(workdir.glob("peer*.ready.json"))) < 2:
+        while not list(workdir.glob("peer*.ready.json")):
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "peers not up in 90 s"
             time.sleep(0.2)
@@ -136,7 +136,7 @@ def test_ctrl_c_stops_everything(tmp_path, cache):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert len(pids) == 3 and not leftovers(pids)
+    assert len(pids) == 2 and not leftovers(pids)  # the bootstrap node and the peer
 
 
 # ---- pure logic: the plan and the impairment --------------------------------------------
