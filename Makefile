@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,hf]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,hf,sim]'
 	touch $(STAMP)
 
 demo: $(STAMP)
