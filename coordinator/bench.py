@@ -336,3 +336,55 @@ def run_layer_bench(args: argparse.Namespace) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
+
+
+def add_security_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ffn", type=int, default=1408, help="expert FFN size (fine-grained experts, as Qwen-MoE/OLMoE)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--tokens", type=int, nargs="+", default=[64, 1], help="tokens per layer call (k=2)")
+    p.add_argument("--repeats", type=int, default=40, help="timed calls per configuration")
+    p.add_argument("--json", type=Path, default=None)
+
+
+def run_security_bench(args: argparse.Namespace) -> dict:
+    """One bf16 layer call, sealed + signed vs plaintext, against the same peer in one run
+    (calls alternate between the two clients so drift hits both alike)."""
+    config = ToyConfig(
+        num_layers=1, num_experts=args.experts, hidden_dim=args.hidden, ffn_dim=args.ffn, top_k=2, dtype="bfloat16"
+    )
+    results: dict = {"hidden": args.hidden, "ffn": args.ffn, "dtype": "bfloat16"}
+    # big experts load and self-benchmark slowly on a small CPU machine
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm", 600) as swarm:
+        ckpt = Path(tmp) / "ckpt"
+        toy_model.save_checkpoint(ckpt, config, seed=0)
+        uids = toy_model.read_manifest(ckpt).uids()
+        swarm.start_bootstrap()
+        swarm.start_peer("peer0", "--checkpoint", str(ckpt), "--experts", "*", "--allow-plaintext")
+        with (
+            SwarmClient(swarm.initial_peers, uids, refresh_period=60, hedge=False) as sealed,
+            SwarmClient(swarm.initial_peers, uids, refresh_period=60, hedge=False, secure=False) as plain,
+        ):
+            sealed.wait_for_experts()
+            plain.wait_for_experts()
+            for tokens in args.tokens:
+                gen = torch.Generator().manual_seed(tokens)
+                x = torch.randn(tokens, args.hidden, generator=gen).to(torch.bfloat16)
+                experts = torch.stack([torch.randperm(args.experts, generator=gen)[:2] for _ in range(tokens)])
+                times: dict[str, list[float]] = {"sealed": [], "plaintext": []}
+                for i in range(args.repeats + 3):
+                    for name, client in (("sealed", sealed), ("plaintext", plain)):
+                        start = time.perf_counter()
+                        client.dispatch(x, experts, uids, torch.bfloat16)
+                        if i >= 3:  # warm-up: channels, sessions, allocator
+                            times[name].append((time.perf_counter() - start) * 1e3)
+                s, p = summary(times["sealed"]), summary(times["plaintext"])
+                results[f"{tokens}_tokens"] = {
+                    "sealed": s,
+                    "plaintext": p,
+                    "overhead_ms": s["median_ms"] - p["median_ms"],
+                    "overhead_pct": 100 * (s["median_ms"] / p["median_ms"] - 1),
+                }
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results

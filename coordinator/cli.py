@@ -25,7 +25,13 @@ from .router import DispatchError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import add_generate_bench_args, add_layer_args, add_saturation_bench_args, add_straggler_bench_args
+    from .bench import (
+        add_generate_bench_args,
+        add_layer_args,
+        add_saturation_bench_args,
+        add_security_bench_args,
+        add_straggler_bench_args,
+    )
     from .demo import add_demo_args
     from .generate import add_generate_args
     from .simulate import add_simulate_args
@@ -46,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
     add_straggler_bench_args(bench.add_parser("straggler", help="layer latency with a stalled peer, hedging on/off"))
     add_saturation_bench_args(bench.add_parser("saturation", help="rows/s a saturated peer serves vs raw compute"))
+    add_security_bench_args(bench.add_parser("security", help="a layer call sealed + signed vs plaintext"))
     add_simulate_args(sub.add_parser("simulate", help="a churning local swarm under load: faults, report, JSON, plot"))
     return with_config(parser, "MOE_SWARM")  # every flag also from MOE_SWARM_* and --config FILE
 
@@ -123,6 +130,7 @@ def run_command(args: argparse.Namespace) -> int:
             "generate": bench.run_generate_bench,
             "straggler": bench.run_straggler_bench,
             "saturation": bench.run_saturation_bench,
+            "security": bench.run_security_bench,
         }[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0

@@ -50,12 +50,18 @@ class Announcer:
         self._last_expiration = 0.0
         self._task: asyncio.Task | None = None
 
-    async def announce(self, record: PeerRecord | None = None, expiration: float | None = None) -> bool:
+    async def announce(
+        self, record: PeerRecord | None = None, expiration: float | None = None, uids: Sequence[str] | None = None
+    ) -> bool:
         record = record or self.record()
         expiration = expiration or get_dht_time() + self.ttl
         expiration = max(expiration, self._last_expiration + 1e-3)  # each write must supersede the last
         coro = functools.partial(
-            _store_all, keys=self.uids, subkey=self.subkey, value=record.to_dict(), expiration=expiration
+            _store_all,
+            keys=list(self.uids if uids is None else uids),
+            subkey=self.subkey,
+            value=record.to_dict(),
+            expiration=expiration,
         )
         results = await self.dht.run_coroutine(coro, return_future=True)
         self._last_expiration = expiration
@@ -81,9 +87,11 @@ class Announcer:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def withdraw(self) -> None:
-        """Replace this peer's records with LEFT tombstones that outlive every earlier record."""
-        await self.stop_refreshing()
-        record = self.record()
-        tombstone = dataclasses.replace(record, state=PeerState.LEFT, load=0)
-        await self.announce(tombstone, expiration=max(get_dht_time() + self.ttl, self._last_expiration + 1))
+    async def withdraw(self, uids: Sequence[str] | None = None) -> None:
+        """Replace this peer's records (of `uids`, default all: then refreshing stops) with LEFT
+        tombstones that outlive every earlier record."""
+        if uids is None:
+            await self.stop_refreshing()
+        tombstone = dataclasses.replace(self.record(), state=PeerState.LEFT, load=0)
+        expiration = max(get_dht_time() + self.ttl, self._last_expiration + 1)
+        await self.announce(tombstone, expiration=expiration, uids=uids)

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="with --experts auto: wait up to this many seconds (random) before reading the swarm's coverage",
+    )
+    s.add_argument(
+        "--placement-check",
+        type=float,
+        default=60.0,
+        help="with --experts auto: re-read coverage this often (s); move (draining first) only when another set "
+        "raises the swarm's weakest coverage on two checks in a row. 0: never move",
     )
     s.add_argument("--host", default="127.0.0.1", help="address to bind the gRPC server (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one)")
@@ -217,6 +225,48 @@ def security(args: argparse.Namespace) -> dict:
     }
 
 
+def parse_pairs(uids: list[str]) -> list[tuple[int, int]]:
+    from protos.records import parse_expert_uid
+
+    return sorted(parse_expert_uid(u)[1:] for u in uids)
+
+
+async def recheck_placement(args, device, servicer, announcer, coverage, pairs, hosted, expert_bytes, budget) -> None:
+    """Every --placement-check seconds: move to a better set when two checks in a row find one
+    (hysteresis), draining first so no request fails."""
+    from .placement import better_placement
+
+    streak = 0
+    while True:
+        await asyncio.sleep(args.placement_check * random.uniform(0.8, 1.2))  # jitter: peers don't move in step
+        try:
+            others = await coverage()
+        except Exception as e:
+            log.warning("placement check could not read the DHT: %s", e)
+            continue
+        proposal = better_placement(pairs, others, hosted, expert_bytes, budget)
+        streak = streak + 1 if proposal else 0
+        if streak < 2:
+            continue
+        streak = 0
+        log.info("re-placing: %s -> %s (weakest coverage improves)", spec_for(hosted), spec_for(proposal))
+        servicer.state = PeerState.DRAINING
+        await announcer.announce()  # coordinators stop choosing us; in-flight work finishes
+        deadline = time.monotonic() + args.drain_timeout
+        while servicer.load and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        args.experts = spec_for(proposal)
+        experts = await asyncio.to_thread(load_experts, args, device)
+        retired = sorted(set(announcer.uids) - set(experts.uids))
+        servicer.replace_experts(experts)
+        announcer.uids = list(experts.uids)
+        await announcer.withdraw(retired)
+        servicer.state = PeerState.ONLINE
+        await announcer.announce()
+        hosted = proposal
+        log.info("now hosting %s", args.experts)
+
+
 async def serve(args: argparse.Namespace) -> None:
     impair = impairment(args)  # invalid values fail before anything starts
     secure = security(args)
@@ -253,11 +303,17 @@ async def serve(args: argparse.Namespace) -> None:
     peer_id = identity.fingerprint
     owner = owner_subkey(rsa)
     kx_sig = identity.sign_kx(owner)
+
+    async def coverage() -> dict[tuple[int, int], int]:
+        """Serving replicas per expert, not counting this peer."""
+        raw = await fetch_latest(dht, [expert_uid(model_id, layer, e) for layer, e in pairs])
+        others = {uid: {sk: v for sk, v in subs.items() if sk != owner} for uid, subs in raw.items()}
+        counts = count_serving(others, get_dht_time())
+        return {(layer, e): counts.get(expert_uid(model_id, layer, e), 0) for layer, e in pairs}
+
     if auto:
         await asyncio.sleep(random.uniform(0, args.placement_delay))
-        raw = await fetch_latest(dht, [expert_uid(model_id, layer, e) for layer, e in pairs])
-        counts = count_serving(raw, get_dht_time())
-        replicas = {(layer, e): counts.get(expert_uid(model_id, layer, e), 0) for layer, e in pairs}
+        replicas = await coverage()
         args.experts = spec_for(choose_experts(pairs, replicas, expert_bytes, budget))
         log.info("auto placement: hosting %s (coverage before: %s)", args.experts, sorted(set(replicas.values())))
         experts = load_experts(args, device)
@@ -319,6 +375,15 @@ async def serve(args: argparse.Namespace) -> None:
                     "experts": experts.uids,
                 },
             )
+        if auto and args.placement_check > 0:
+            hosted = parse_pairs(experts.uids)
+            mover = asyncio.create_task(
+                recheck_placement(args, device, servicer, announcer, coverage, pairs, hosted, expert_bytes, budget)
+            )
+            stop_task = asyncio.create_task(stop.wait())
+            await asyncio.wait([mover, stop_task], return_when=asyncio.FIRST_COMPLETED)
+            mover.cancel()
+            await asyncio.gather(mover, return_exceptions=True)
         await stop.wait()
         log.info("leaving: draining in-flight requests (up to %.0fs)", args.drain_timeout)
         servicer.state = PeerState.DRAINING

@@ -3,7 +3,9 @@
 A peer started with `--experts auto --memory-budget 8GiB` reads the DHT's coverage of its
 model (serving replicas per expert) and takes the experts with the fewest replicas, ties
 broken at random, until the budget is full. A random start delay keeps peers started
-together from reading the same coverage and picking the same set.
+together from reading the same coverage and picking the same set. Later it re-checks: it
+moves only when another set would raise the swarm's weakest coverage (hysteresis: the
+improvement must be strict and seen on consecutive checks), draining before it switches.
 """
 
 from __future__ import annotations
@@ -55,3 +57,27 @@ def choose_experts(
 def spec_for(pairs: Iterable[tuple[int, int]]) -> str:
     """[(0, 1), (2, 5)] -> '0:1,2:5' (the --experts syntax)."""
     return ",".join(f"{layer}:{expert}" for layer, expert in pairs)
+
+
+def weakest_coverage(
+    candidates: Iterable[tuple[int, int]], others: dict[tuple[int, int], int], hosted: Iterable[tuple[int, int]]
+) -> int:
+    """The fewest serving replicas of any expert if we host `hosted` and the others stay as they are."""
+    mine = set(hosted)
+    return min(others.get(c, 0) + (c in mine) for c in candidates)
+
+
+def better_placement(
+    candidates: list[tuple[int, int]],
+    others: dict[tuple[int, int], int],
+    current: list[tuple[int, int]],
+    expert_bytes: int,
+    budget: int,
+    rng: random.Random | None = None,
+) -> list[tuple[int, int]] | None:
+    """A set that strictly raises the weakest coverage over keeping `current`, else None.
+    `others` counts replicas without this peer."""
+    proposal = choose_experts(candidates, others, expert_bytes, budget, rng)
+    if weakest_coverage(candidates, others, proposal) > weakest_coverage(candidates, others, current):
+        return proposal
+    return None

@@ -105,6 +105,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         )
         self.batcher = MicroBatcher(experts, self._compute, max_batch_rows, batch_wait_ms)
 
+    def replace_experts(self, experts: HostedExperts | HFHostedExperts) -> None:
+        """Serve another set of experts (after draining: nothing may be in flight)."""
+        if self.load:
+            raise RuntimeError(f"cannot switch experts with {self.load} rows in flight")
+        self.experts = self.batcher.experts = experts
+
     def close(self) -> None:
         self.batcher.cancel()
         self._compute.shutdown(wait=True, cancel_futures=True)
