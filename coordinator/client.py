@@ -34,6 +34,7 @@ class SwarmClient:
         identity: Identity | None = None,
         secure: bool = True,
         spot_check: float = 0.0,
+        metrics_port: int | None = None,
     ) -> None:
         # client_mode: a coordinator reads the DHT but stores nobody's records; it validates
         # what it reads with the same validators as every node
@@ -57,6 +58,11 @@ class SwarmClient:
             sessions=Sessions(self.identity, self.channels) if secure else None,
             spot_check=spot_check,
         )
+        self.metrics_port = None
+        if metrics_port is not None:
+            from .metrics import serve_metrics
+
+            self.metrics_port = serve_metrics(self.dispatcher.stats, metrics_port)
         self.io.run(self._start())
 
     async def _start(self) -> None:

@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 
 from protos import tensors
+from protos.envelope import Identity
 
 from .client import SwarmClient
 from .models.hf import checkpoint_info, load_swarm_model
@@ -34,6 +35,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         "(renormalise over the others), or stop with an error; every case is counted",
     )
     p.add_argument("--no-hedge", action="store_true", help="never send hedged duplicates to a second replica")
+    p.add_argument(
+        "--spot-check",
+        type=float,
+        default=0.0,
+        help="fraction of expert calls recomputed on a second replica to catch wrong results (0-1)",
+    )
+    p.add_argument(
+        "--key-file", type=Path, default=None, help="this coordinator's identity (for private swarms' allowlists)"
+    )
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
 
 
 @dataclass
@@ -67,8 +78,16 @@ def run_generate(args: argparse.Namespace) -> int:
     info = checkpoint_info(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = tensors.dtype_from_name(args.dtype) if args.dtype else None
+    identity = Identity.load_or_create(args.key_file) if args.key_file else None
     with SwarmClient(
-        args.initial_peers, info.uids, timeout=args.timeout, fallback=args.fallback, hedge=not args.no_hedge
+        args.initial_peers,
+        info.uids,
+        timeout=args.timeout,
+        fallback=args.fallback,
+        hedge=not args.no_hedge,
+        identity=identity,
+        spot_check=args.spot_check,
+        metrics_port=args.metrics_port,
     ) as client:
         console.print(f"model {info.manifest.model_id}: waiting for {len(info.uids)} experts in the swarm")
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -81,6 +81,7 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1e3
         self.batches = 0
         self.batched_requests = 0
+        self.on_batch: Callable[[int, int, float], None] | None = None  # (rows, requests, compute ms): metrics
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task | None = None
 
@@ -145,6 +146,8 @@ class MicroBatcher:
             compute_ms = (time.perf_counter() - started) * 1e3
             self.batches += 1
             self.batched_requests += len(live)
+            if self.on_batch is not None:
+                self.on_batch(sum(j.rows for j in live), len(live), compute_ms)
             for job, out in zip(live, outs, strict=True):
                 if not job.future.done():
                     job.future.set_result((out, (started - job.enqueued) * 1e3, compute_ms))

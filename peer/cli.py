@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also take unsealed requests (benchmarks, trusted networks): activations then cross the wire in clear",
     )
     s.add_argument("--announce-port", type=int, default=None, help="port others dial (default: the bound port)")
+    s.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks)"
+    )
+    s.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     sim = s.add_argument_group("simulation (moe-swarm simulate): impair this peer on purpose")
     sim.add_argument("--sim-slowdown", type=float, default=1.0, help="for simulation: compute takes N times as long")
     sim.add_argument("--sim-latency-ms", type=float, default=0.0, help="for simulation: added to every answer")
@@ -318,6 +322,13 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("auto placement: hosting %s (coverage before: %s)", args.experts, sorted(set(replicas.values())))
         experts = load_experts(args, device)
     throughput = cached_throughput(experts)
+    metrics = metrics_port = None
+    if args.metrics_port is not None:
+        from .metrics import PeerMetrics
+
+        metrics = PeerMetrics()
+        metrics_port = metrics.serve(args.metrics_port, args.metrics_host)
+        log.info("metrics at http://%s:%d/metrics", args.metrics_host, metrics_port)
     servicer = ExpertServicer(
         experts,
         peer_id=peer_id,
@@ -329,6 +340,7 @@ async def serve(args: argparse.Namespace) -> None:
         impairment=impair,
         **secure,
         corrupt_outputs=args.sim_corrupt,
+        metrics=metrics,
     )
     server, port = await start_server(servicer, args.host, args.port, args.max_message_bytes)
     endpoint = f"{args.announce_host or args.host}:{args.announce_port or port}"
@@ -373,6 +385,7 @@ async def serve(args: argparse.Namespace) -> None:
                     "pid": os.getpid(),
                     "model_id": experts.model_id,
                     "experts": experts.uids,
+                    "metrics_port": metrics_port,
                 },
             )
         if auto and args.placement_check > 0:

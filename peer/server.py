@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .experts import HostedExperts
     from .hf_experts import HFHostedExperts
     from .impair import Impairment
+    from .metrics import PeerMetrics
 
 log = logging.getLogger(__name__)
 UNPARSABLE = "request bytes are not a valid protobuf message of this method"
@@ -78,6 +79,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         rate_limiter: RateLimiter | None = None,
         sessions: SessionTable | None = None,
         corrupt_outputs: float = 0.0,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         self.experts = experts
         self.identity = identity or Identity.generate()
@@ -104,6 +106,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             initargs=(torch.get_num_threads(),),
         )
         self.batcher = MicroBatcher(experts, self._compute, max_batch_rows, batch_wait_ms)
+        self.metrics = metrics
+        if metrics is not None:
+            self.batcher.on_batch = metrics.batch
 
     def replace_experts(self, experts: HostedExperts | HFHostedExperts) -> None:
         """Serve another set of experts (after draining: nothing may be in flight)."""
@@ -219,6 +224,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         admitted = 0
+        started = time.perf_counter()
+        segments: list[tuple[str, int]] = []
+        status = "CANCELLED"
         try:
             if request is None:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
@@ -253,6 +261,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             outputs, receipt = self.answer(request, header, x, out, segments, session)
             self.served_requests += 1
             self.served_rows += admitted
+            status = "OK"
             return pb.ForwardResponse(
                 request_id=request.request_id,
                 outputs=outputs,
@@ -261,14 +270,20 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 receipt=receipt,
             )
         except RequestError as e:
+            status = e.code.name
             await context.abort(e.code, str(e))
         except asyncio.CancelledError:
             raise  # the client went away or its deadline fired: nothing to answer
         except Exception:
             log.exception("Forward failed")
+            status = "INTERNAL"
             await context.abort(grpc.StatusCode.INTERNAL, "internal error while computing experts")
         finally:
             self.load -= admitted
+            if self.metrics is not None:
+                self.metrics.answered(status, segments, (time.perf_counter() - started) * 1e3)
+                self.metrics.queued_rows.set(self.load)
+                self.metrics.sessions.set(len(self.sessions))
 
     async def OpenSession(self, request: pb.SessionHello, context: grpc.aio.ServicerContext) -> pb.SessionAccept:
         if request is None:
