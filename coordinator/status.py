@@ -7,9 +7,10 @@ through a client-mode DHT node (it stores nobody's records).
 
 Which experts to ask about comes from a checkpoint (`--checkpoint` toy folder, or `--model`
 given a Hugging Face / toy folder), or from `--model ID` plus `--layers/--experts`. A bare
-`--model ID` without them scans the DHT for the grid (see `scan_grid`): it finds every
-expert somebody announces, but an expert past the last announced one in its layer, or a
-trailing layer nobody hosts, is invisible to a scan. Give the sizes to see those gaps.
+`--model ID` without them scans the DHT for the grid (see `scan_grid`): layers from their
+first few experts, the expert count from a few of those layers. Experts past the highest
+announced index, or trailing layers whose first experts nobody hosts, are invisible to a
+scan. Give the sizes to see those gaps.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from rich.text import Text
 from protos import toy_model
 from protos.records import PeerRecord, expert_uid, fetch_latest, parse_expert_uid
 
-SCAN_EXPERT_CHUNK = 64  # experts probed per round while scanning
-SCAN_LAYER_CHUNK = 8  # layers probed per round while scanning
-SCAN_SAMPLE_LAYERS = 8  # layers whose experts are probed to find the expert count
-SCAN_LIMIT = 4096  # a scan never probes past this layer / expert index
+# a scan for the grid of a bare model id (each DHT key probed costs a lookup: keep rounds small)
+SCAN_LAYER_CHUNK = 16  # layers probed per round
+SCAN_LAYER_EXPERTS = 4  # experts probed in each of them
+SCAN_LEADING_LAYERS = 64  # give up when none of the first this many layers is announced
+SCAN_EXPERT_CHUNK = 32  # experts probed per round, in
+SCAN_SAMPLE_LAYERS = 4  # this many of the layers found
+SCAN_LIMIT = 4096  # never past this layer / expert index
 
 
 def add_status_args(p: argparse.ArgumentParser) -> None:
@@ -150,17 +154,30 @@ def parse_replicas(subkeys: dict[Any, tuple[object, float]], now: float) -> list
 async def scan_grid(dht, model_id: str, layers: int | None, experts: int | None) -> tuple[int, int]:
     """(layers, experts per layer) from the highest indices anybody announces.
 
-    Experts: probe the first few layers in chunks until a chunk finds nobody; layers: probe
-    chunks of whole layers the same way. Cheap for real sizes (a few get_many calls) and
-    blind only past the last announced index, which the module docstring states."""
+    Layers: probe the first few experts of each layer, in chunks of layers, until a chunk
+    past the last hit is empty (leading dense layers are skipped over). Experts: probe a few
+    of the layers found, in chunks of experts, the same way. A few get_many calls for real
+    model sizes; blind past the last announced index, as the module docstring says."""
 
     async def announced(uids: list[str]) -> set[tuple[int, int]]:
         raw = await fetch_latest(dht, uids)
         return {parse_expert_uid(uid)[1:] for uid, subkeys in raw.items() if subkeys}
 
     found: set[tuple[int, int]] = set()
+    if layers is None:
+        probe = range(min(experts or SCAN_LAYER_EXPERTS, SCAN_LAYER_EXPERTS))
+        for start in range(0, SCAN_LIMIT, SCAN_LAYER_CHUNK):
+            if not found and start >= SCAN_LEADING_LAYERS:
+                break
+            hits = await announced(
+                [expert_uid(model_id, la, e) for la in range(start, start + SCAN_LAYER_CHUNK) for e in probe]
+            )
+            if not hits and found:
+                break
+            found |= hits
+        layers = max((la for la, _ in found), default=-1) + 1
     if experts is None:
-        sample = range(min(layers or SCAN_SAMPLE_LAYERS, SCAN_SAMPLE_LAYERS))
+        sample = sorted({la for la, _ in found})[:SCAN_SAMPLE_LAYERS] or range(min(layers, SCAN_SAMPLE_LAYERS))
         for start in range(0, SCAN_LIMIT, SCAN_EXPERT_CHUNK):
             hits = await announced(
                 [expert_uid(model_id, la, e) for la in sample for e in range(start, start + SCAN_EXPERT_CHUNK)]
@@ -169,16 +186,6 @@ async def scan_grid(dht, model_id: str, layers: int | None, experts: int | None)
                 break
             found |= hits
         experts = max((e for _, e in found), default=-1) + 1
-    if layers is None:
-        for start in range(0, SCAN_LIMIT, SCAN_LAYER_CHUNK):
-            hits = await announced(
-                [expert_uid(model_id, la, e) for la in range(start, start + SCAN_LAYER_CHUNK) for e in range(experts)]
-            )
-            # keep going past a chunk of dense layers only if something was found before it
-            if not hits and (found or start > 0):
-                break
-            found |= hits
-        layers = max((la for la, _ in found), default=-1) + 1
     return layers, experts
 
 
