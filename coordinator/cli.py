@@ -62,10 +62,12 @@ def run_bootstrap(args: argparse.Namespace) -> int:
 
     from hivemind import DHT
 
+    from protos.reachability import serve_dial_back
     from protos.validation import dht_validators
 
     # the bootstrap stores records too: it must refuse forged ones like every other node
     dht = DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], record_validators=dht_validators())
+    serve_dial_back(dht)  # joining peers ask us to dial their endpoint before they announce it
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     print("DHT bootstrap node is up. Join it with:", flush=True)
     print("  --initial-peers " + " ".join(maddrs), flush=True)

@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--announce-port", type=int, default=None, help="port others dial (default: the bound port)")
     s.add_argument(
+        "--skip-reachability-check",
+        action="store_true",
+        help="announce without first asking another DHT node to dial our endpoint back",
+    )
+    s.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks)"
     )
     s.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
@@ -271,6 +276,27 @@ async def recheck_placement(args, device, servicer, announcer, coverage, pairs, 
         log.info("now hosting %s", args.experts)
 
 
+async def require_reachable(dht, args: argparse.Namespace, endpoint: str, port: int) -> None:
+    """Refuse to announce an address other nodes cannot dial, saying what to change."""
+    from protos.reachability import check_reachable
+
+    ok, detail = await check_reachable(dht, args.initial_peers, endpoint)
+    if ok is None:
+        log.warning("could not verify that %s is reachable (%s); announcing anyway", endpoint, detail)
+        return
+    if not ok:
+        hint = (
+            "bind a public interface with --host 0.0.0.0 and announce --announce-host <this machine's address>"
+            if args.host.startswith("127.")
+            else f"forward TCP port {args.announce_port or port} to this machine (router/firewall) and pass "
+            f"--announce-host <your public address> (and --announce-port if the forwarded port differs)"
+        )
+        raise ConnectionError(
+            f"other nodes cannot reach this peer at {endpoint} ({detail}); announcing it would send coordinators "
+            f"to a dead address. To fix: {hint}. (--skip-reachability-check announces anyway.)"
+        )
+
+
 async def serve(args: argparse.Namespace) -> None:
     impair = impairment(args)  # invalid values fail before anything starts
     secure = security(args)
@@ -288,6 +314,7 @@ async def serve(args: argparse.Namespace) -> None:
     from hivemind import DHT
     from hivemind.utils import get_dht_time
 
+    from protos.reachability import serve_dial_back
     from protos.records import count_serving, expert_uid, fetch_latest
     from protos.validation import dht_validators, owner_subkey
 
@@ -364,6 +391,9 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        serve_dial_back(dht)  # answer other peers' reachability checks
+        if args.initial_peers and not args.skip_reachability_check:
+            await require_reachable(dht, args, endpoint, port)
         servicer.state = PeerState.ONLINE
         await announcer.announce()
         announcer.start()

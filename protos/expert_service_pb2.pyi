@@ -123,3 +123,17 @@ class InfoResponse(_message.Message):
     identity: bytes
     kx_public: bytes
     def __init__(self, version: _Optional[str] = ..., protocol: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., max_rows: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[str] = ..., requests_served: _Optional[int] = ..., rows_served: _Optional[int] = ..., identity: _Optional[bytes] = ..., kx_public: _Optional[bytes] = ...) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("endpoint",)
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    def __init__(self, endpoint: _Optional[str] = ...) -> None: ...
+
+class ReachabilityReply(_message.Message):
+    __slots__ = ("reachable", "detail")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    detail: str
+    def __init__(self, reachable: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -36,3 +36,26 @@ def test_ctrl_c_to_the_process_group_drains_and_withdraws(swarm):
     assert proc.popen.wait(30) == 0
     log = proc.log_path.read_text()
     assert "withdrawn from the DHT" in log and "Traceback" not in log
+
+
+def test_unreachable_announced_address_is_refused_with_what_to_do(swarm):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    result = run_peer(
+        "--seed",
+        "0",
+        "--hidden",
+        "16",
+        "--ffn",
+        "16",
+        "--announce-port",
+        str(dead),
+        "--initial-peers",
+        *swarm.initial_peers,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot reach this peer at 127.0.0.1:{dead}" in result.stderr
+    assert "--announce-host" in result.stderr and "Traceback" not in result.stderr
