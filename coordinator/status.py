@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -327,18 +328,23 @@ def print_status(console: Console, status: SwarmStatus) -> None:
 
 def run_status(args: argparse.Namespace) -> int:
     from hivemind import DHT
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
     from protos.validation import dht_validators
 
     model_id, uids, grid = resolve_uids(args)  # checkpoint/model-id errors before joining the swarm
     # client_mode: reads the DHT and stores nobody's records, like the coordinator's SwarmClient
-    dht = DHT(
-        initial_peers=list(args.initial_peers),
-        client_mode=True,
-        start=True,
-        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-        record_validators=dht_validators(),  # strips and checks the owners' signatures like every node
-    )
+    try:
+        dht = DHT(
+            initial_peers=list(args.initial_peers),
+            client_mode=True,
+            start=True,
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            record_validators=dht_validators(),  # strips and checks the owners' signatures like every node
+        )
+    except P2PDaemonError as e:  # no initial peer answered: say so instead of a traceback
+        print(f"moe-swarm: error: cannot join the swarm through --initial-peers: {e}", file=sys.stderr)
+        return 1
     try:
         status = asyncio.run(collect(dht, model_id, uids, grid, args.layers, args.experts))
     finally:

@@ -128,3 +128,17 @@ def test_a_peer_that_left_shows_as_left_and_its_experts_as_missing(swarm, gappy)
 def test_checkpoint_folder_via_model_flag(swarm, gappy):
     ckpt, model_id, _ = gappy
     assert status_json(swarm, "--model", str(Path(ckpt)))["model_id"] == model_id
+
+
+def test_unreachable_initial_peers_is_a_cli_error(tmp_path):
+    # nothing listens on port 1: p2pd gives up on the bootstrap and status says so in one line
+    nowhere = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDxhGpkbFXCWAhJHHLMCLMDYAKFbBqJzQW6JhvwUMY1yD"
+    proc = subprocess.run(
+        [sys.executable, "-m", "coordinator", "status", "--model", "toy-abc", "--initial-peers", nowhere],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "moe-swarm: error: cannot join the swarm through --initial-peers" in proc.stderr
+    assert "Traceback" not in proc.stderr
