@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -167,37 +166,33 @@ def test_fallback_when_every_replica_of_an_expert_is_gone(swarm, toy_ckpt, polic
 
 
 def test_overloaded_peer_refuses_and_work_goes_elsewhere(swarm, toy_ckpt):
-    manifest = toy_model.read_manifest(toy_ckpt)
+    import json
+    import subprocess
+    import sys
+
     # a small queue: 48 rows, while one 16-token top-2 call brings up to 32 rows
     (small,) = toy_peers(swarm, toy_ckpt, {"queue-small": "*"}, "--max-queue-rows", "48")
     (big,) = toy_peers(swarm, toy_ckpt, {"queue-big": "*"})
-    x = torch.randn(16, TINY.hidden_dim, generator=torch.Generator().manual_seed(4))
     rss_before = psutil.Process(small.pid).memory_info().rss
-    try:
-        with (
-            SwarmClient(swarm.initial_peers, manifest.uids(), timeout=20, hedge=False) as client,
-            torch.inference_mode(),
-        ):
-            client.wait_for_experts(timeout=60)
-            layer = ToyMoEStack.from_checkpoint(toy_ckpt, client).layers[0]
-            want = reference(toy_ckpt, x)
-            weights, experts = topk_softmax(layer.gate(x), TINY.top_k)
-
-            async def storm():  # 32 layer calls at once
-                return await asyncio.gather(
-                    *(client.dispatcher.dispatch(x, experts, layer.uids, x.dtype) for _ in range(32))
-                )
-
-            results = client.io.run(storm())
-            stats = client.dispatcher.stats
+    try:  # three coordinator processes, 24 layer calls in flight each, all at once
+        storms = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.storm_client", str(toy_ckpt), str(seed), "24", *swarm.initial_peers],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for seed in range(3)
+        ]
+        reports = [json.loads(p.communicate(timeout=180)[0]) for p in storms]
         rss_after = psutil.Process(small.pid).memory_info().rss
     finally:
         swarm.stop_many([small, big])
-    assert all(r.complete for r in results)  # no error reached the caller
-    for r in results:
-        assert (combine(r.outputs, weights, x.dtype) - want).abs().max().item() <= 1e-5
-    assert stats.refusals > 0 and stats.bans == 0  # refused, served elsewhere, not banned
-    assert stats.rpcs_by_peer[small.info["peer_id"]] > 0  # it still served what it could take
+    for r in reports:
+        assert not r["errors"] and r["complete"]  # no error reached any caller
+        assert r["max_error"] <= 1e-5
+        assert r["bans"] == 0  # refused, served elsewhere, not banned
+    assert sum(r["refusals"] for r in reports) > 0
+    assert sum(r["rpcs_by_peer"].get(small.info["peer_id"], 0) for r in reports) > 0  # it served what it could take
     assert rss_after - rss_before < 64 << 20  # bounded queue: no pile-up in memory
 
 
