@@ -96,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
     try:
         return run_command(args)
-    except (DispatchError, TimeoutError, ValueError, FileNotFoundError) as e:
+    except (DispatchError, TimeoutError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"moe-swarm: error: {e}", file=sys.stderr)
+        return 1
+    except P2PDaemonError as e:  # no DHT node answered at --initial-peers
+        print(f"moe-swarm: error: cannot join the swarm through --initial-peers: {e}", file=sys.stderr)
         return 1
 
 
