@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint protos bench-layer clean
+.PHONY: demo test lint protos bench-layer clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/moe-swarm demo
 
-test: $(STAMP)
+# tests/test_dashboard.py renders the dashboard in headless Chromium (CI: fresh Debian 12, as root)
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	@# pytest exits 5 when it collects nothing: report it plainly instead of a bare make error
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \

@@ -4,6 +4,7 @@ moe-swarm bootstrap            run a DHT bootstrap node, print its multiaddrs
 moe-swarm demo                 local swarm serving a tiny Mixtral; generation through it = local model
 moe-swarm generate             generate text with a Hugging Face MoE model whose experts run in the swarm
 moe-swarm status               per expert: replicas, state, load, throughput, record expiry (from the DHT)
+moe-swarm dashboard            the same as a live web page: coverage map (layers x experts) and peer health
 moe-swarm bench layer          one layer call: swarm vs in-process vs hivemind
 moe-swarm bench generate       tokens/s through a local swarm vs the same model run locally
 moe-swarm simulate             churn: peers killed/stopped/stalled/restarted under load, report + JSON + plot
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_security_bench_args,
         add_straggler_bench_args,
     )
+    from .dashboard import add_dashboard_args
     from .demo import add_demo_args
     from .generate import add_generate_args
     from .simulate import add_simulate_args
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_args(sub.add_parser("demo", help="start a local swarm, generate through it, compare with local"))
     add_generate_args(sub.add_parser("generate", help="generate text with a MoE model whose experts run in the swarm"))
     add_status_args(sub.add_parser("status", help="the swarm's replicas of every expert of a model, from the DHT"))
+    add_dashboard_args(sub.add_parser("dashboard", help="a live web page of the swarm: coverage map and peer health"))
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
     add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
@@ -125,6 +128,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .status import run_status
 
         return run_status(args)
+    if args.command == "dashboard":
+        from .dashboard import run_dashboard
+
+        return run_dashboard(args)
     if args.command == "generate":
         from .generate import run_generate
 

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +31,9 @@ from rich.text import Text
 
 from protos import toy_model
 from protos.records import PeerRecord, expert_uid, fetch_latest, parse_expert_uid
+
+if TYPE_CHECKING:
+    from hivemind import DHT
 
 # a scan for the grid of a bare model id (each DHT key probed costs a lookup: keep rounds small)
 SCAN_LAYER_CHUNK = 16  # layers probed per round
@@ -41,7 +44,8 @@ SCAN_SAMPLE_LAYERS = 4  # this many of the layers found
 SCAN_LIMIT = 4096  # never past this layer / expert index
 
 
-def add_status_args(p: argparse.ArgumentParser) -> None:
+def add_swarm_view_args(p: argparse.ArgumentParser) -> None:
+    """Which swarm and which model's experts to look at (shared by `status` and `dashboard`)."""
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes of the swarm")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
@@ -52,6 +56,10 @@ def add_status_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", type=Path, help="moe-swarm toy checkpoint folder (moe_swarm.json)")
     p.add_argument("--layers", type=int, default=None, help="with --model ID: MoE layers 0..N-1 (default: scan)")
     p.add_argument("--experts", type=int, default=None, help="with --model ID: experts per layer (default: scan)")
+
+
+def add_status_args(p: argparse.ArgumentParser) -> None:
+    add_swarm_view_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -326,17 +334,17 @@ def print_status(console: Console, status: SwarmStatus) -> None:
         )
 
 
-def run_status(args: argparse.Namespace) -> int:
+def join_swarm(initial_peers: Sequence[str]) -> DHT | None:
+    """A client-mode DHT node for reading expert records; None (after one error line) when no initial peer answers."""
     from hivemind import DHT
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
     from protos.validation import dht_validators
 
-    model_id, uids, grid = resolve_uids(args)  # checkpoint/model-id errors before joining the swarm
     # client_mode: reads the DHT and stores nobody's records, like the coordinator's SwarmClient
     try:
-        dht = DHT(
-            initial_peers=list(args.initial_peers),
+        return DHT(
+            initial_peers=list(initial_peers),
             client_mode=True,
             start=True,
             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
@@ -344,6 +352,13 @@ def run_status(args: argparse.Namespace) -> int:
         )
     except P2PDaemonError as e:  # no initial peer answered: say so instead of a traceback
         print(f"moe-swarm: error: cannot join the swarm through --initial-peers: {e}", file=sys.stderr)
+        return None
+
+
+def run_status(args: argparse.Namespace) -> int:
+    model_id, uids, grid = resolve_uids(args)  # checkpoint/model-id errors before joining the swarm
+    dht = join_swarm(args.initial_peers)
+    if dht is None:
         return 1
     try:
         status = asyncio.run(collect(dht, model_id, uids, grid, args.layers, args.experts))
