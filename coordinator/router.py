@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from protos import sealed, tensors
+from protos import envelope, sealed, tensors
 from protos.envelope import EnvelopeError
 from protos.records import parse_expert_uid
 
@@ -260,9 +260,16 @@ class Dispatcher:
             session = await self.sessions.get(replica.record.endpoint, replica.record.kx, timeout)
             keys, counter = session.keys, next(session.counters)
         sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
-        response = await self.channels.stub(replica.record.endpoint).Forward(sent.request, timeout=timeout)
+        rpc = self.channels.stub(replica.record.endpoint).Forward(sent.request, timeout=timeout)
+        # hash our request for the receipt check while the peer computes (hashlib releases the GIL)
+        loop = asyncio.get_running_loop()
+        request_digest = loop.run_in_executor(None, envelope.digest, sent.header, sent.plaintext)
+        try:
+            response = await rpc
+        finally:
+            digest = await request_digest
         ms = (time.perf_counter() - started) * 1e3
-        out, statement = sealed.open_response(sent, response, replica.record.identity)
+        out, statement = sealed.open_response(sent, response, replica.record.identity, digest)
         self.stats.peer_compute_ms.append(response.compute_ms)
         return Answer(out, ms, Receipt(replica.peer_id, replica.record.identity, statement, response.receipt))
 

@@ -105,6 +105,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             initializer=torch.set_num_threads,
             initargs=(torch.get_num_threads(),),
         )
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipt-digest")
         self.batcher = MicroBatcher(experts, self._compute, max_batch_rows, batch_wait_ms)
         self.metrics = metrics
         if metrics is not None:
@@ -119,6 +120,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     def close(self) -> None:
         self.batcher.cancel()
         self._compute.shutdown(wait=True, cancel_futures=True)
+        self._hasher.shutdown(wait=True, cancel_futures=True)
 
     def validate(self, request: pb.ForwardRequest) -> tuple[torch.Tensor, list[tuple[str, int]]]:
         if not request.segments:
@@ -204,7 +206,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self,
         request: pb.ForwardRequest,
         header: bytes,
-        x: torch.Tensor,
+        request_digest: bytes,
         out: torch.Tensor,
         segments: list[tuple[str, int]],
         session: Session | None,
@@ -213,7 +215,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         dtype, shape, data = tensors.payload(out)
         out_header = envelope.response_header(header, dtype, shape)
         statement = envelope.receipt_statement(
-            envelope.digest(header, tensors.payload(x)[2]),
+            request_digest,
             envelope.digest(out_header, data),
             [u for u, _ in segments],
             self.experts.model_id,
@@ -246,6 +248,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             x, header, session = self.open_inputs(request, segments, context)
             admitted = rows
             self.load += admitted
+            # the receipt's request digest, hashed while the device computes (hashlib releases the GIL)
+            request_digest = asyncio.get_running_loop().run_in_executor(
+                self._hasher, envelope.digest, header, tensors.payload(x)[2]
+            )
             deadline = None if remaining is None else time.monotonic() + remaining
             try:
                 out, queue_ms, compute_ms = await self.batcher.submit(x, segments, deadline)
@@ -258,7 +264,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during compute")
-            outputs, receipt = self.answer(request, header, x, out, segments, session)
+            outputs, receipt = self.answer(request, header, await request_digest, out, segments, session)
             self.served_requests += 1
             self.served_rows += admitted
             status = "OK"

@@ -63,8 +63,12 @@ def build_request(
     return Sent(request, header, data, keys)
 
 
-def open_response(sent: Sent, response: pb.ForwardResponse, peer_identity: bytes) -> tuple[torch.Tensor, bytes]:
-    """(outputs, the receipt statement the peer signed); EnvelopeError if anything does not check out."""
+def open_response(
+    sent: Sent, response: pb.ForwardResponse, peer_identity: bytes, request_digest: bytes | None = None
+) -> tuple[torch.Tensor, bytes]:
+    """(outputs, the receipt statement the peer signed); EnvelopeError if anything does not check out.
+    `request_digest` (= envelope.digest(sent.header, sent.plaintext)) may be computed while the
+    call is in flight: hashlib releases the GIL."""
     inp, out = sent.request.inputs, response.outputs
     if out.dtype != inp.dtype or list(out.shape) != list(inp.shape):
         raise EnvelopeError(f"returned {out.dtype} {list(out.shape)}, expected {inp.dtype} {list(inp.shape)}")
@@ -77,7 +81,7 @@ def open_response(sent: Sent, response: pb.ForwardResponse, peer_identity: bytes
         raise EnvelopeError(f"returned {len(plain)} bytes, expected {len(sent.plaintext)}")
     uids = [s.expert_uid for s in sent.request.segments]
     statement = envelope.receipt_statement(
-        envelope.digest(sent.header, sent.plaintext),
+        request_digest or envelope.digest(sent.header, sent.plaintext),
         envelope.digest(out_header, plain),
         uids,
         parse_expert_uid(uids[0])[0],
