@@ -11,6 +11,7 @@ match a local run row for row.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -25,16 +26,15 @@ from .experts import parse_expert_spec, time_throughput
 class HFLayerExperts:
     """The hosted experts of one layer inside one instance of the family's experts module."""
 
-    def __init__(self, cls: type[nn.Module], config, tensors: list[dict[str, torch.Tensor]]) -> None:
+    def __init__(self, cls: type[nn.Module], config, stacked: dict[str, torch.Tensor]) -> None:
         with torch.device("meta"):
             module = cls(config)
         names = {name for name, _ in module.named_parameters(recurse=False)}
-        if names != set(tensors[0]):
-            raise ValueError(f"{cls.__name__} has parameters {sorted(names)}; checkpoint gives {sorted(tensors[0])}")
+        if names != set(stacked):
+            raise ValueError(f"{cls.__name__} has parameters {sorted(names)}; checkpoint gives {sorted(stacked)}")
         for name in names:
-            stacked = torch.stack([t[name] for t in tensors])
-            setattr(module, name, nn.Parameter(stacked, requires_grad=False))
-        module.num_experts = len(tensors)  # slots 0..n-1 index the hosted experts only
+            setattr(module, name, nn.Parameter(stacked[name], requires_grad=False))
+        module.num_experts = len(next(iter(stacked.values())))  # slots 0..n-1 index the hosted experts only
         self.module = module.eval()
 
     @torch.inference_mode()
@@ -90,17 +90,26 @@ class HFHostedExperts:
         ]
         if not chosen:
             raise ValueError(f"expert spec {spec!r} selects none of the MoE layers {ckpt.layers}")
-        by_layer: dict[int, list[dict[str, torch.Tensor]]] = {}
-        slots = {}
+        per_layer = Counter(layer for layer, _ in chosen)
+        by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        slots: dict[str, tuple[int, int]] = {}
+        filled = dict.fromkeys(per_layer, 0)
         want_dtype = dtype
         for layer, e in tqdm(chosen, desc="loading experts", unit="expert", disable=not progress, file=sys.stderr):
             tensors = ckpt.read_expert(layer, e)
             if expert_digest(tensors) != manifest.digests[f"{layer}/{e}"]:
                 raise ValueError(f"expert {layer}/{e}: weights changed since the manifest was made")
             want_dtype = want_dtype or next(iter(tensors.values())).dtype
-            on_device = {k: v.to(device=device, dtype=want_dtype) for k, v in tensors.items()}
-            by_layer.setdefault(layer, []).append(on_device)
-            slots[expert_uid(manifest.model_id, layer, e)] = (layer, len(by_layer[layer]) - 1)
+            if layer not in by_layer:  # stacked in place: peak memory is the experts plus one being read
+                by_layer[layer] = {
+                    k: torch.empty((per_layer[layer], *v.shape), dtype=want_dtype, device=device)
+                    for k, v in tensors.items()
+                }
+            slot = filled[layer]
+            filled[layer] += 1
+            for k, v in tensors.items():
+                by_layer[layer][k][slot].copy_(v)
+            slots[expert_uid(manifest.model_id, layer, e)] = (layer, slot)
         layers = {layer: HFLayerExperts(experts_cls, config, ts) for layer, ts in by_layer.items()}
         ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
         return cls(manifest.model_id, config.model_type, config.hidden_size, ffn, want_dtype, layers, slots, device)
