@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import grpc
 import psutil
@@ -357,3 +358,40 @@ def test_cheating_peer_is_caught_by_spot_checks_and_generation_is_unchanged(swar
             bytes.fromhex(w["identity"]), bytes.fromhex(w["signature"]), bytes.fromhex(w["statement"])
         )
     assert stats.exact == stats.routed
+
+
+def test_forgotten_session_is_reopened_without_failing_the_call(client, tiny_checkpoint):
+    uids = toy_model.read_manifest(tiny_checkpoint).uids()[: TINY.num_experts]
+    x, experts = torch.randn(4, H), torch.tensor([[0, 5]] * 4)
+    assert client.dispatch(x, experts, uids, torch.float32).complete
+    sessions = client.dispatcher.sessions._sessions
+    assert len(sessions) >= 2
+    for key, s in list(sessions.items()):  # as if every peer restarted or evicted us: ids they never saw
+        _, bogus = envelope.client_hello(client.identity, Identity.generate().kx_public)
+        sessions[key] = type(s)(bogus, s.opened_at, s.ttl_s)
+    before = client.dispatcher.stats.bans, client.dispatcher.stats.retries
+    assert client.dispatch(x, experts, uids, torch.float32).complete
+    assert (client.dispatcher.stats.bans, client.dispatcher.stats.retries) == before  # re-keyed in place
+    assert all(s.keys.session_id != b"" for s in sessions.values())
+
+
+def test_session_table_is_bounded_and_forgets_idle_sessions():
+    from peer.sessions import SessionTable
+
+    peer = Identity.generate()
+
+    def keys():
+        return envelope.accept_hello(peer, envelope.client_hello(Identity.generate(), peer.kx_public)[0])
+
+    table = SessionTable(max_sessions=3, ttl_s=60)
+    first = keys()
+    table.add(first, b"c")
+    for _ in range(3):
+        table.add(keys(), b"c")
+    assert len(table) == 3 and table.get(first.session_id) is None  # oldest evicted
+    idle = SessionTable(ttl_s=0.05)
+    k = keys()
+    idle.add(k, b"c")
+    assert idle.get(k.session_id) is not None
+    time.sleep(0.1)
+    assert idle.get(k.session_id) is None  # expired after being idle
