@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -180,7 +181,31 @@ def add_saturation_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=16, help="layer calls in flight at once")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--max-batch-rows", type=int, default=4096, help="the peer's --max-batch-rows")
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=(os.cpu_count() or 1) >= 2,
+        help="peer (and its raw baseline) on CPU 0 with one thread, the load-generating client on the other CPUs: "
+        "the peer's capacity is not shared with the client's (default: on with 2+ CPUs)",
+    )
     p.add_argument("--json", type=Path, default=None)
+
+
+def _cpu_seconds(pid: int, children: bool = True) -> float:
+    import psutil
+
+    procs = [psutil.Process(pid), *(psutil.Process(pid).children(recursive=True) if children else [])]
+    return sum(t.user + t.system for p in procs for t in [p.cpu_times()])
+
+
+def _pin(pid: int, cpus: set[int], children: bool = True) -> None:
+    """Every thread of `pid` (and of its descendants: DHT process, p2pd) onto `cpus`."""
+    import psutil
+
+    for proc in [psutil.Process(pid), *(psutil.Process(pid).children(recursive=True) if children else [])]:
+        for thread in proc.threads():
+            os.sched_setaffinity(thread.id, cpus)
 
 
 def run_saturation_bench(args: argparse.Namespace) -> dict:
@@ -200,9 +225,22 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
         local = ToyMoEStack.from_checkpoint(ckpt, LocalExperts.from_checkpoint(ckpt)).layers[0]
         with torch.inference_mode():
             _, experts = topk_softmax(local.gate(x), 2)
-        raw = _raw_rows_per_s(ckpt, args.tokens * 2 * args.concurrency, args.hidden)  # before the swarm starts
+        peer_cpu = {0} if args.pin else None
+        raw = _raw_rows_per_s(ckpt, args.tokens * 2 * args.concurrency, args.hidden, peer_cpu)  # swarm not up yet
         swarm.start_bootstrap()
-        swarm.start_peer("peer0", "--checkpoint", str(ckpt), "--experts", "*")
+        peer = swarm.start_peer(
+            "peer0",
+            "--checkpoint",
+            str(ckpt),
+            "--experts",
+            "*",
+            "--max-batch-rows",
+            str(args.max_batch_rows),
+            *(["--threads", "1"] * args.pin),
+        )
+        if args.pin:
+            _pin(peer.pid, {0})
+            _pin(os.getpid(), set(range(1, os.cpu_count() or 2)), children=False)  # the swarm is our child
         with SwarmClient(
             swarm.initial_peers, toy_model.read_manifest(ckpt).uids(), refresh_period=60, hedge=False
         ) as client:
@@ -224,8 +262,17 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
 
             with torch.inference_mode():
                 client.io.run(saturate())  # warm-up
+                peer_cpu, mine = _cpu_seconds(peer.pid), _cpu_seconds(os.getpid(), children=False)
+                started = time.perf_counter()
                 served = client.io.run(saturate())
+                wall = time.perf_counter() - started
+                busy = (_cpu_seconds(peer.pid) - peer_cpu) / wall
+                client_busy = (_cpu_seconds(os.getpid(), children=False) - mine) / wall
     result = {
+        "pinned": args.pin,
+        # CPU-seconds per second: near 1.0 (one pinned core) means the peer was the bottleneck
+        "peer_cpu_busy": busy,
+        "client_cpu_busy": client_busy,
         "rows_per_call": experts.numel(),
         "concurrency": args.concurrency,
         "served_rows_per_s": served,
@@ -237,13 +284,14 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
     return result
 
 
-def _raw_rows_per_s(ckpt: Path, rows: int, hidden: int) -> float:
-    """The experts' own throughput: a subprocess with torch's default threads, like the peer."""
+def _raw_rows_per_s(ckpt: Path, rows: int, hidden: int, cpus: set[int] | None = None) -> float:
+    """The experts' own throughput: a subprocess with the peer's threads (one on `cpus` when pinned)."""
     import subprocess
     import sys
 
     code = (
-        "import torch,time;from peer.experts import HostedExperts;"
+        (f"import os;os.sched_setaffinity(0,{cpus!r});import torch;torch.set_num_threads(1);" if cpus else "")
+        + "import torch,time;from peer.experts import HostedExperts;"
         f"h=HostedExperts.from_checkpoint({str(ckpt)!r},'*',torch.device('cpu'));"
         f"x=torch.randn({rows},{hidden});n=len(h.uids);s=[(u,{rows}//n) for u in h.uids];"
         f"x=x[:sum(r for _,r in s)];h.forward(x,s);t=time.perf_counter();[h.forward(x,s) for _ in range(10)];"
