@@ -65,16 +65,15 @@ def diff(before: tuple[Counter, Counter]) -> dict:
 
 
 def peer_record(identity: Identity, owner: bytes) -> PeerRecord:
-    return PeerRecord(
+    return PeerRecord.signed(
+        identity,
+        owner,
         endpoint="203.0.113.17:31337",
         state=PeerState.ONLINE,
         load=12,
         throughput=180421.5,
         device="cuda",
         version="0.1.0",
-        identity=identity.public,
-        kx=identity.kx_public,
-        kx_sig=identity.sign_kx(owner),
     )
 
 

@@ -333,7 +333,6 @@ async def serve(args: argparse.Namespace) -> None:
     )
     peer_id = identity.fingerprint
     owner = owner_subkey(rsa)
-    kx_sig = identity.sign_kx(owner)
 
     async def coverage() -> dict[tuple[int, int], int]:
         """Serving replicas per expert, not counting this peer."""
@@ -373,16 +372,15 @@ async def serve(args: argparse.Namespace) -> None:
     endpoint = f"{args.announce_host or args.host}:{args.announce_port or port}"
 
     def record() -> PeerRecord:
-        return PeerRecord(
+        return PeerRecord.signed(
+            identity,
+            owner,
             endpoint=endpoint,
             state=servicer.state,
             load=servicer.load,
             throughput=throughput,
             device=str(device),
             version=__version__,
-            identity=identity.public,
-            kx=identity.kx_public,
-            kx_sig=kx_sig,
         )
 
     announcer = Announcer(dht, experts.uids, record, owner, period=args.announce_period)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from hivemind import DHT
     from hivemind.dht.node import DHTNode
 
+    from .envelope import Identity
+
 UID_SEPARATOR = "/"
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_ENDPOINT_LEN = 256
@@ -68,6 +70,11 @@ class PeerRecord:
     identity: bytes = b""  # Ed25519 public key: receipts verify against it; the peer's name is its fingerprint
     kx: bytes = b""  # static X25519 public key coordinators open sessions to
     kx_sig: bytes = b""  # identity's signature over (kx, this record's DHT owner)
+
+    @classmethod
+    def signed(cls, identity: Identity, owner: bytes, **fields: Any) -> PeerRecord:
+        """A record carrying `identity`'s keys, its X25519 key signed for this DHT `owner`."""
+        return cls(**fields, identity=identity.public, kx=identity.kx_public, kx_sig=identity.sign_kx(owner))
 
     @property
     def peer_id(self) -> str:

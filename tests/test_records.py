@@ -7,16 +7,15 @@ from protos.records import PeerRecord, PeerState, expert_uid, parse_expert_uid
 
 IDENTITY = Identity.generate()
 OWNER = b"[owner:ssh-rsa AAAAowner]"
-GOOD = PeerRecord(
+GOOD = PeerRecord.signed(
+    IDENTITY,
+    OWNER,
     endpoint="127.0.0.1:5000",
     state=PeerState.ONLINE,
     load=3,
     throughput=1e4,
     device="cpu",
-    version="0.1.0",
-    identity=IDENTITY.public,
-    kx=IDENTITY.kx_public,
-    kx_sig=IDENTITY.sign_kx(OWNER),
+    version="0",
 )
 
 

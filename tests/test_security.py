@@ -198,17 +198,8 @@ def test_forged_dht_records_are_refused_by_real_nodes(swarm, client, tiny_checkp
     victim = PeerRecord.from_dict(raw_get(client.dht, uid)[victim_owner])
     mallory, rsa = Identity.generate(), RSAPrivateKey()
     my_owner = RSASignatureValidator(rsa).local_public_key
-    good = dict(
-        endpoint="127.0.0.1:1",
-        state=PeerState.ONLINE,
-        load=0,
-        throughput=1e9,
-        device="cpu",
-        version="evil",
-        identity=mallory.public,
-        kx=mallory.kx_public,
-        kx_sig=mallory.sign_kx(my_owner),
-    )
+    fields = dict(endpoint="127.0.0.1:1", state=PeerState.ONLINE, load=0, throughput=1e9, device="cpu", version="evil")
+    good = PeerRecord.signed(mallory, my_owner, **fields).__dict__
     forgeries = {
         "another peer's subkey": (victim_owner, PeerRecord(**good).to_dict()),
         "wrong schema": (my_owner, {"endpoint": "127.0.0.1:1", "state": "online"}),
