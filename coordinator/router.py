@@ -204,7 +204,7 @@ class Dispatcher:
         if in_call:  # fewer RPCs: one per peer per layer
             return min(in_call, key=self._cost_ms)
         # two random choices: close to the best, without every coordinator herding onto it
-        return min(random.sample(replicas, min(2, len(replicas))), key=self._cost_ms)
+        return min(self._rng.sample(replicas, min(2, len(replicas))), key=self._cost_ms)
 
     def plan(
         self, work: dict[int, torch.Tensor], uids: list[str], exclude: dict[int, set[str]] | None = None

@@ -43,6 +43,7 @@ class SwarmView:
         self.last_refresh = 0.0  # monotonic time of the last successful refresh
         self._refreshed_at = 0.0  # DHT time at which it started
         self._refresh_lock = asyncio.Lock()
+        self._rng = random.Random()  # our own: the global generator belongs to the application
         self._task: asyncio.Task | None = None
 
     def replicas(self, uid: str) -> list[Replica]:
@@ -93,7 +94,7 @@ class SwarmView:
             except Exception as e:
                 log.warning("swarm refresh failed: %s", e)
             # jitter so many coordinators started together do not refresh in lockstep
-            await asyncio.sleep(self.refresh_period * random.uniform(0.9, 1.1))
+            await asyncio.sleep(self.refresh_period * self._rng.uniform(0.9, 1.1))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
