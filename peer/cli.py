@@ -234,6 +234,17 @@ def security(args: argparse.Namespace) -> dict:
     }
 
 
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed (read buffers, digests) back to the OS: glibc keeps it
+    otherwise, and a peer's footprint should be its experts, not its load history."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim this way
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def parse_pairs(uids: list[str]) -> list[tuple[int, int]]:
     from protos.records import parse_expert_uid
 
@@ -266,6 +277,7 @@ async def recheck_placement(args, device, servicer, announcer, coverage, pairs, 
             await asyncio.sleep(0.05)
         args.experts = spec_for(proposal)
         experts = await asyncio.to_thread(load_experts, args, device)
+        release_freed_memory()
         retired = sorted(set(announcer.uids) - set(experts.uids))
         servicer.replace_experts(experts)
         announcer.uids = list(experts.uids)
@@ -347,6 +359,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.experts = spec_for(choose_experts(pairs, replicas, expert_bytes, budget))
         log.info("auto placement: hosting %s (coverage before: %s)", args.experts, sorted(set(replicas.values())))
         experts = load_experts(args, device)
+    release_freed_memory()
     throughput = cached_throughput(experts)
     metrics = metrics_port = None
     if args.metrics_port is not None:

@@ -1,7 +1,9 @@
 """One coordinator process of the overload test: many layer calls at once against the swarm,
 checked against the in-process reference; prints its counters as JSON.
 
-python -m tests.storm_client CKPT SEED CALLS INITIAL_PEER...
+python -m tests.storm_client CKPT SEED CALLS START_AT INITIAL_PEER...
+
+START_AT (unix time) lines up the storms of several processes that start at different speeds.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +22,7 @@ from coordinator.toy_stack import LocalExperts, ToyMoEStack
 from protos import toy_model
 
 
-def main(ckpt: Path, seed: int, calls: int, initial_peers: list[str]) -> dict:
+def main(ckpt: Path, seed: int, calls: int, start_at: float, initial_peers: list[str]) -> dict:
     torch.set_num_threads(1)
     manifest = toy_model.read_manifest(ckpt)
     x = torch.randn(16, manifest.config.hidden_dim, generator=torch.Generator().manual_seed(seed))
@@ -29,6 +32,7 @@ def main(ckpt: Path, seed: int, calls: int, initial_peers: list[str]) -> dict:
         layer = ToyMoEStack.from_checkpoint(ckpt, client).layers[0]
         want = reference(x)
         weights, experts = topk_softmax(layer.gate(x), manifest.config.top_k)
+        time.sleep(max(0.0, start_at - time.time()))
 
         async def storm():
             return await asyncio.gather(
@@ -51,4 +55,4 @@ def main(ckpt: Path, seed: int, calls: int, initial_peers: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])))
+    print(json.dumps(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:])))

@@ -174,10 +174,20 @@ def test_overloaded_peer_refuses_and_work_goes_elsewhere(swarm, toy_ckpt):
     (small,) = toy_peers(swarm, toy_ckpt, {"queue-small": "*"}, "--max-queue-rows", "48")
     (big,) = toy_peers(swarm, toy_ckpt, {"queue-big": "*"})
     rss_before = psutil.Process(small.pid).memory_info().rss
-    try:  # three coordinator processes, 24 layer calls in flight each, all at once
+    start_at = str(time.time() + 25)  # every storm process is up by then, even on a loaded machine
+    try:  # three coordinator processes, 32 layer calls in flight each, all at once
         storms = [
             subprocess.Popen(
-                [sys.executable, "-m", "tests.storm_client", str(toy_ckpt), str(seed), "24", *swarm.initial_peers],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.storm_client",
+                    str(toy_ckpt),
+                    str(seed),
+                    "32",
+                    start_at,
+                    *swarm.initial_peers,
+                ],
                 stdout=subprocess.PIPE,
                 text=True,
             )
