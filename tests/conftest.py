@@ -66,3 +66,34 @@ def client(swarm: LocalSwarm, tiny_checkpoint: Path):
 
 def peer(swarm: LocalSwarm, name: str):
     return next(p for p in swarm.processes if p.name == name)
+
+
+@pytest.fixture(scope="session")
+def stub(swarm: LocalSwarm):
+    """A blocking stub to peer-a; the client side allows bigger messages than the peer, so the
+    peer's own limits are what refuse."""
+    import grpc
+
+    from protos import expert_service_pb2_grpc as pb_grpc
+    from protos import grpc_options
+
+    channel = grpc.insecure_channel(peer(swarm, "peer-a").info["endpoint"], options=grpc_options(64 << 20))
+    yield pb_grpc.ExpertServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="session")
+def uid(tiny_checkpoint: Path) -> str:
+    return toy_model.read_manifest(tiny_checkpoint).uids()[0]  # layer 0 expert 0: hosted by peer-a
+
+
+def local_model(ckpt: Path):
+    """The transformers model of a checkpoint, run locally: the reference for swarm generation."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
+
+
+def greedy(model, ids: torch.Tensor, n: int = 20) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))

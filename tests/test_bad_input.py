@@ -7,27 +7,13 @@ import pytest
 import torch
 
 from protos import expert_service_pb2 as pb
-from protos import expert_service_pb2_grpc as pb_grpc
-from protos import grpc_options, tensors, toy_model
+from protos import tensors, toy_model
 from protos.records import expert_uid
 
-from .conftest import MAX_MESSAGE_BYTES, MAX_ROWS, TINY, peer
+from .conftest import MAX_MESSAGE_BYTES, MAX_ROWS, TINY
 from .sealing import SealedStub
 
 H = TINY.hidden_dim
-
-
-@pytest.fixture(scope="module")
-def stub(swarm):
-    # the client side allows bigger messages than the peer, so the peer's own limit is what refuses
-    channel = grpc.insecure_channel(peer(swarm, "peer-a").info["endpoint"], options=grpc_options(64 << 20))
-    yield pb_grpc.ExpertServiceStub(channel)
-    channel.close()
-
-
-@pytest.fixture(scope="module")
-def uid(tiny_checkpoint):
-    return toy_model.read_manifest(tiny_checkpoint).uids()[0]  # layer 0 expert 0: hosted by peer-a
 
 
 def request(uid: str, x: torch.Tensor, rows: int | None = None) -> pb.ForwardRequest:

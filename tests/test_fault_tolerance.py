@@ -19,7 +19,7 @@ from coordinator.router import ExpertUnavailableError
 from coordinator.toy_stack import LocalExperts, ToyMoEStack
 from protos import toy_model
 
-from .conftest import TINY
+from .conftest import TINY, greedy, local_model
 
 TOY = ["--threads", "1", "--announce-period", "2"]
 
@@ -49,14 +49,10 @@ class KillAfter(BaseStreamer):
 
 
 def test_sigkill_during_generation_with_replication_two(swarm, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     ckpt = save_tiny_checkpoint(tmp_path / "mx", "mixtral", seed=21)
     info = checkpoint_info(ckpt)
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
-    local = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
-    with torch.inference_mode():
-        want = local.generate(ids, max_new_tokens=30, do_sample=False, attention_mask=torch.ones_like(ids))
+    want = greedy(local_model(ckpt), ids, 30)
     procs = swarm.start_peers({f"rep-{i}": ["--model", str(ckpt), "--experts", "*", *TOY] for i in range(2)})
     try:
         with SwarmClient(swarm.initial_peers, info.uids, timeout=20) as client:

@@ -16,6 +16,8 @@ from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.models.tiny import FAMILIES, VOCAB, save_tiny_checkpoint
 from coordinator.router import ExpertUnavailableError
 
+from .conftest import greedy, local_model
+
 SPECS = ["*:0-2", "*:3-5", "*:6-7"]  # three peers, each a different part of every layer's experts
 
 
@@ -31,17 +33,6 @@ def peers_serving(swarm: LocalSwarm, ckpt: Path, specs: list[str], tag: str, *ex
         yield procs
     finally:
         swarm.stop_many(procs, signal.SIGTERM)
-
-
-def local_model(ckpt: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
-
-
-def greedy(model, ids: torch.Tensor, n: int = 20) -> torch.Tensor:
-    with torch.inference_mode():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
 
 
 PROMPTS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))

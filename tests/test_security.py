@@ -16,13 +16,13 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from coordinator.client import SwarmClient
-from protos import envelope, grpc_options, toy_model
+from protos import envelope, toy_model
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.envelope import Identity
 from protos.records import PeerRecord, PeerState
 
-from .conftest import TINY, peer
+from .conftest import TINY, greedy, local_model
 from .sealing import SealedStub
 from .tcp_proxy import RecordingProxy, free_port
 
@@ -71,18 +71,6 @@ def test_activations_never_cross_the_wire_in_clear(swarm, tmp_path):
     finally:
         proxy.close()
         swarm.stop(proc)
-
-
-@pytest.fixture(scope="module")
-def stub(swarm):
-    channel = grpc.insecure_channel(peer(swarm, "peer-a").info["endpoint"], options=grpc_options(64 << 20))
-    yield pb_grpc.ExpertServiceStub(channel)
-    channel.close()
-
-
-@pytest.fixture(scope="module")
-def uid(tiny_checkpoint):
-    return toy_model.read_manifest(tiny_checkpoint).uids()[0]
 
 
 def refused(call) -> tuple[grpc.StatusCode, str]:
@@ -316,17 +304,13 @@ def test_fuzzed_requests_all_get_a_status(swarm, tiny_checkpoint):
 
 
 def test_cheating_peer_is_caught_by_spot_checks_and_generation_is_unchanged(swarm, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from coordinator.models.hf import checkpoint_info, load_swarm_model
     from coordinator.models.tiny import VOCAB, save_tiny_checkpoint
 
     ckpt = save_tiny_checkpoint(tmp_path / "mx", "mixtral", seed=23)
     info = checkpoint_info(ckpt)
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
-    local = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
-    with torch.inference_mode():
-        want = local.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
+    want = greedy(local_model(ckpt), ids, 8)
     serve = ["--model", str(ckpt), "--experts", "*", *TOY]
     procs = swarm.start_peers({"honest-1": serve, "honest-2": serve, "cheater": [*serve, "--sim-corrupt", "0.05"]})
     cheater = procs[2].info["peer_id"]
@@ -334,8 +318,7 @@ def test_cheating_peer_is_caught_by_spot_checks_and_generation_is_unchanged(swar
         with SwarmClient(swarm.initial_peers, info.uids, timeout=20, spot_check=1.0) as client:
             client.wait_for_experts(timeout=60)
             model = load_swarm_model(ckpt, client, info=info)
-            with torch.inference_mode():
-                got = model.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
+            got = greedy(model, ids, 8)
             stats = client.dispatcher.stats
             banned = client.dispatcher.health.banned(cheater)
     finally:
