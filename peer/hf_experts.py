@@ -6,6 +6,11 @@ experts, and calls it with each row routed to its slot with weight 1. The math i
 exactly transformers' (GPT-OSS clamping and biases included), and because a coordinator
 sends each expert's rows in the order transformers' eager loop gathers them, the GEMMs
 match a local run row for row.
+
+Llama4's experts module takes no routing arguments: the coordinator sends each chosen
+(token, expert) row already multiplied by its router score, and the peer runs every hosted
+expert's rows through its own one-expert instance of the module (parameters: views of the
+stacks), so that the module's equal-rows-per-expert reshape sees one expert at a time.
 """
 
 from __future__ import annotations
@@ -17,30 +22,53 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from protos.hf_checkpoint import HFCheckpoint, expert_digest, experts_class, load_manifest
+from protos.hf_checkpoint import HFCheckpoint, expert_digest, experts_class, load_manifest, takes_scaled_inputs
 from protos.records import expert_uid
 
 from .experts import parse_expert_spec, time_throughput
 
 
 class HFLayerExperts:
-    """The hosted experts of one layer inside one instance of the family's experts module."""
+    """The hosted experts of one layer inside one instance of the family's experts module
+    (Llama4: one instance per hosted expert, see the module docstring)."""
 
     def __init__(self, cls: type[nn.Module], config, stacked: dict[str, torch.Tensor]) -> None:
-        with torch.device("meta"):
-            module = cls(config)
-        names = {name for name, _ in module.named_parameters(recurse=False)}
-        if names != set(stacked):
-            raise ValueError(f"{cls.__name__} has parameters {sorted(names)}; checkpoint gives {sorted(stacked)}")
-        for name in names:
-            setattr(module, name, nn.Parameter(stacked[name], requires_grad=False))
-        module.num_experts = len(next(iter(stacked.values())))  # slots 0..n-1 index the hosted experts only
-        self.module = module.eval()
+        num = len(next(iter(stacked.values())))
+        self.module: nn.Module | None = None
+        self.per_expert: list[nn.Module] | None = None
+        if takes_scaled_inputs(cls):
+            self.per_expert = [_module(cls, config, {k: v[i : i + 1] for k, v in stacked.items()}) for i in range(num)]
+        else:
+            self.module = _module(cls, config, stacked)
+            self.module.num_experts = num  # slots 0..n-1 index the hosted experts only
 
     @torch.inference_mode()
     def run(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        return self.module(x, slots.view(-1, 1), ones)
+        if self.module is not None:
+            ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+            return self.module(x, slots.view(-1, 1), ones)
+        # rows arrive grouped by expert (a segment per expert): one GEMM per run of equal slots
+        values, counts = torch.unique_consecutive(slots, return_counts=True)
+        if len(values) == 1:
+            return self.per_expert[int(values[0])](x)
+        out = torch.empty_like(x)
+        start = 0
+        for slot, rows in zip(values.tolist(), counts.tolist(), strict=True):
+            out[start : start + rows] = self.per_expert[slot](x[start : start + rows])
+            start += rows
+        return out
+
+
+def _module(cls: type[nn.Module], config, stacked: dict[str, torch.Tensor]) -> nn.Module:
+    """An instance of the experts module (built on the meta device) holding `stacked`."""
+    with torch.device("meta"):
+        module = cls(config)
+    names = {name for name, _ in module.named_parameters(recurse=False)}
+    if names != set(stacked):
+        raise ValueError(f"{cls.__name__} has parameters {sorted(names)}; checkpoint gives {sorted(stacked)}")
+    for name in names:
+        setattr(module, name, nn.Parameter(stacked[name], requires_grad=False))
+    return module.eval()
 
 
 class HFHostedExperts:

@@ -3,9 +3,9 @@
 Transformers writes experts either per expert (`...experts.3.w1.weight`,
 `...experts.3.gate_proj.weight`) or stacked (`...experts.gate_up_proj` [E, ...]; GPT-OSS,
 Llama4 and Granite always). Both are read here into one canonical per-expert form, the
-slice of transformers' in-memory stacked parameters: `gate_up_proj` (gate rows then up
-rows), `down_proj`, and biases where the family has them. So the same weights give the
-same digests, hence the same model id, in either layout.
+slice of transformers' in-memory stacked parameters: `gate_up_proj` (gate then up, along
+the output dimension: rows, or Llama4's columns), `down_proj`, and biases where the family
+has them. So the same weights give the same digests, hence the same model id, in either layout.
 
 Reads are partial: safetensors fetches only the requested tensors (or one slice of a
 stacked tensor), from whichever shard holds them (`model.safetensors.index.json`).
@@ -14,6 +14,7 @@ stacked tensor), from whichever shard holds them (`model.safetensors.index.json`
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -227,11 +228,22 @@ def experts_class(config) -> type[nn.Module]:
         and issubclass(obj, nn.Module)
         and name.endswith("Experts")
         and obj.__module__ == module.__name__
-        and name != "Llama4TextExperts"
     ]
     if len(found) != 1:
         raise ValueError(
             f"model_type {config.model_type!r}: expected one routed-experts module, found "
-            f"{[c.__name__ for c in found] or 'none'} (Llama4's dense-dispatch experts are not supported)"
+            f"{[c.__name__ for c in found] or 'none'}"
         )
     return found[0]
+
+
+def takes_scaled_inputs(cls: type[nn.Module]) -> bool:
+    """Whether the experts module is Llama4's kind: `forward(hidden_states)` with no routing
+    arguments, on [E * T, H] rows (expert-major, every expert the same number of rows) that
+    the block has already multiplied by the router score; outputs are summed with weight 1.
+
+    The other families' modules take `(hidden_states, top_k_index, top_k_weights)` and
+    weight the experts' outputs instead.
+    """
+    params = [p for p in inspect.signature(cls.forward).parameters.values() if p.name != "self"]
+    return len(params) == 1

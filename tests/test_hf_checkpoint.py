@@ -53,3 +53,24 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         HFCheckpoint(tmp_path)
+
+
+def test_llama4_experts_are_slices_of_its_stacked_tensors(tmp_path):
+    # transformers writes Llama4's experts stacked whatever the format asked: [E, H, 2I], [E, I, H]
+    model = build_tiny_model("llama4_text", seed=0)
+    model.save_pretrained(tmp_path / "original")
+    model.save_pretrained(tmp_path / "stacked", save_original_format=False)
+    ckpts = [HFCheckpoint(tmp_path / name) for name in ("original", "stacked")]
+    for ckpt in ckpts:
+        assert ckpt.layers == model.config.moe_layers == [1, 3]  # layers 0 and 2 are dense
+        assert ckpt.expert_keys() == {
+            f"model.layers.{layer}.feed_forward.experts.{name}"
+            for layer in (1, 3)
+            for name in ("gate_up_proj", "down_proj")
+        }
+        experts = model.model.layers[3].feed_forward.experts
+        got = ckpt.read_expert(3, 6)
+        assert torch.equal(got["gate_up_proj"], experts.gate_up_proj[6])
+        assert torch.equal(got["down_proj"], experts.down_proj[6])
+    ids = {load_manifest(c).model_id for c in ckpts}
+    assert len(ids) == 1 and ids.pop().startswith("llama4-text-")

@@ -14,7 +14,8 @@ from coordinator.client import SwarmClient
 from coordinator.local_swarm import LocalSwarm
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.models.tiny import FAMILIES, VOCAB, save_tiny_checkpoint
-from coordinator.router import ExpertUnavailableError
+from coordinator.router import DispatchResult, ExpertUnavailableError
+from peer.hf_experts import HFHostedExperts
 
 from .conftest import greedy, local_model
 
@@ -39,7 +40,7 @@ PROMPTS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_see
 
 
 # the per-expert layout for some families, stacked (save_original_format=False) for others;
-# GPT-OSS and Granite are stacked on disk either way
+# GPT-OSS, Granite and Llama4 are stacked on disk either way
 @pytest.mark.parametrize(("family", "stacked"), [(f, i % 2 == 1) for i, f in enumerate(FAMILIES)] + [("mixtral", True)])
 def test_family_through_swarm_equals_local(swarm, tmp_path, family, stacked):
     ckpt = save_tiny_checkpoint(tmp_path / family, family, seed=1, stacked=stacked)
@@ -59,6 +60,42 @@ def test_family_through_swarm_equals_local(swarm, tmp_path, family, stacked):
         stats = client.dispatcher.stats
         assert stats.exact == stats.routed > 0 and stats.rerouted == stats.dropped == 0
         assert set(stats.rpcs_by_peer) == {p.info["peer_id"] for p in procs}  # every peer took part
+
+
+class InProcessExperts:
+    """An executor computing every expert in this process with the peer's code: no network."""
+
+    def __init__(self, hosted: HFHostedExperts) -> None:
+        self.hosted = hosted
+        self.calls = 0
+
+    def dispatch(self, x, experts, uids, dtype, scores=None) -> DispatchResult:
+        self.calls += 1
+        num_tokens, k = experts.shape
+        flat = experts.T.reshape(-1)  # slot-major, as the dispatcher sends
+        out = torch.zeros(k * num_tokens, x.shape[-1], dtype=dtype)
+        for e in flat.unique().tolist():
+            positions = (flat == e).nonzero()[:, 0]
+            rows = x[positions % num_tokens].to(dtype)
+            out[positions] = self.hosted.forward(rows, [(uids[e], len(positions))])
+        answered = torch.ones(num_tokens, k, dtype=torch.bool)
+        return DispatchResult(out.view(k, num_tokens, -1).transpose(0, 1), answered, experts)
+
+
+def test_llama4_top2_sends_each_slot_scaled(tmp_path):
+    # Llama4 routes top-1; with top-2 each token's input differs per chosen expert (one
+    # dispatch per slot) and the answers add in ascending expert order, as transformers sums
+    ckpt = save_tiny_checkpoint(tmp_path / "llama4-top2", "llama4_text", seed=7, num_experts_per_tok=2)
+    info = checkpoint_info(ckpt)
+    executor = InProcessExperts(HFHostedExperts.from_checkpoint(ckpt, "*", torch.device("cpu"), progress=False))
+    remote = load_swarm_model(ckpt, executor, info=info)
+    local = local_model(ckpt)
+    assert sum(p.numel() for n, p in remote.named_parameters() if ".experts." in n) == 0
+    with torch.inference_mode():
+        diff = (remote(PROMPTS).logits - local(PROMPTS).logits).abs().max().item()
+    assert diff <= 1e-5
+    assert executor.calls == 2 * len(info.checkpoint.layers)  # two slots, two MoE layers
+    assert torch.equal(greedy(remote, PROMPTS[:1]), greedy(local, PROMPTS[:1]))
 
 
 def test_bfloat16_greedy_tokens_identical(swarm, tmp_path):

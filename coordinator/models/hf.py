@@ -6,6 +6,12 @@ routers and shared experts load from the checkpoint, the routed experts' tensors
 materialised here. Everything around the experts is the family's own code, so its routing
 rule (top-k softmax, sigmoid + bias + groups, shared-expert gates, ...) runs unchanged and
 `generate()` with its KV cache works as for the local model.
+
+Llama4 differs: its block multiplies every token by each expert's router score (sigmoid of
+the top-k logits, 0 for the experts not chosen), runs *every* expert on all of them and
+sums the outputs. An expert given a zero input gives exactly zero (no biases), so its block
+is swapped for one that sends only the chosen (token, expert) rows, already scaled, adds
+the answers with weight 1 and the local shared expert: the family's sum, without the zeros.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from protos.hf_checkpoint import HFCheckpoint, HFManifest, experts_class, load_manifest
+from protos.hf_checkpoint import HFCheckpoint, HFManifest, experts_class, load_manifest, takes_scaled_inputs
 from protos.records import expert_uid
 
 from ..gating import renormalize_answered
@@ -50,15 +56,18 @@ class RemoteExperts(nn.Module):
                 hidden_states.to(weight.dtype), weight, getattr(self.router, "bias", None)
             )
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
+    def _check(self, top_k_index: torch.Tensor) -> ExpertExecutor:
         if self.executor is None:
             raise RuntimeError("RemoteExperts used before load_swarm_model bound it to a layer")
         num_experts = len(self.uids)
         if top_k_index.numel() and int(top_k_index.max()) >= num_experts:
             raise ValueError(f"layer {self.layer}: router chose expert {int(top_k_index.max())} of {num_experts}")
-        result = self.executor.dispatch(
+        return self.executor
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        result = self._check(top_k_index).dispatch(
             hidden_states,
             top_k_index,
             self.uids,
@@ -78,6 +87,63 @@ class RemoteExperts(nn.Module):
         for j in range(top_k_index.shape[1]):
             final = final + weighted[rows, by_expert[:, j]]
         return final
+
+    def scaled_inputs(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_scores: torch.Tensor
+    ) -> torch.Tensor:
+        """Llama4's rule, chosen rows only: sum over j of expert top_k_index[:, j] applied to
+        hidden_states * top_k_scores[:, j]. A dropped slot contributes nothing (the scores are
+        independent sigmoids: there is no mixture to renormalise)."""
+        executor = self._check(top_k_index)
+        outputs = []
+        # one dispatch per slot (each token's input differs per chosen expert); Llama4 routes top-1
+        for j in range(top_k_index.shape[1]):
+            scaled = hidden_states * top_k_scores[:, j, None]  # transformers' routed_in, chosen rows
+            result = executor.dispatch(
+                scaled,
+                top_k_index[:, j, None],
+                self.uids,
+                hidden_states.dtype,
+                scores=lambda: self._router_scores(hidden_states),
+            )
+            outputs.append(result.outputs[:, 0])  # zero where dropped
+        # transformers sums over the expert dimension in ascending expert order (zeros between)
+        by_expert = top_k_index.argsort(dim=1, stable=True)
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        stacked = torch.stack(outputs, dim=1)
+        final = torch.zeros_like(hidden_states)
+        for j in range(top_k_index.shape[1]):
+            final = final + stacked[rows, by_expert[:, j]]
+        return final
+
+
+def _llama4_moe_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama4TextMoe.forward with the routed experts in the swarm (see the module docstring)."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_scores, router_logits = self.router(hidden_states)  # [T, E]: sigmoid of the top-k logits, else 0
+    # the router's own choice (its very topk, recomputed on the logits it returned)
+    top_k_index = torch.topk(router_logits, self.top_k, dim=1).indices
+    routed_out = self.experts.scaled_inputs(hidden_states, top_k_index, router_scores.gather(1, top_k_index))
+    out = self.shared_expert(hidden_states)
+    out.add_(routed_out)
+    return out, router_logits
+
+
+# blocks whose experts module takes scaled inputs (`takes_scaled_inputs`): their remote forward
+_SCALED_INPUT_BLOCKS = {"Llama4TextMoe": _llama4_moe_forward}
+_remote_blocks: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _make_remote_block(block: nn.Module) -> None:
+    """Give `block` (in place, same submodules and parameter names) its remote forward: a
+    subclass of its own class, so isinstance checks and output hooks still find it."""
+    cls = type(block)
+    if cls not in _remote_blocks:
+        forward = _SCALED_INPUT_BLOCKS.get(cls.__name__)
+        if forward is None:
+            raise ValueError(f"{cls.__name__}: no remote forward for a block whose experts take scaled inputs")
+        _remote_blocks[cls] = type(f"Remote{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    block.__class__ = _remote_blocks[cls]
 
 
 @contextlib.contextmanager
@@ -126,6 +192,7 @@ def load_swarm_model(
     info = info or checkpoint_info(path)
     config = AutoConfig.from_pretrained(path)
     cls = experts_class(getattr(config, "text_config", None) or config)
+    scaled = takes_scaled_inputs(cls)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the skipped expert tensors are reported as "unexpected" keys
     try:
@@ -152,6 +219,8 @@ def load_swarm_model(
                 executor,
                 router,
             )
+            if scaled:
+                _make_remote_block(parent)
             bound.append(layer)
     if sorted(bound) != info.checkpoint.layers:
         raise ValueError(

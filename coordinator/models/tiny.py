@@ -82,6 +82,19 @@ FAMILIES: dict[str, dict] = {
         layer_types=["sliding_attention", "full_attention"],
     ),
     "granitemoe": dict(_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    # Llama4: top-1 sigmoid routing that scales the expert's input, a shared expert, MoE on
+    # every second layer (1 and 3; 0 and 2 dense), chunked attention and a NoPE layer (3)
+    "llama4_text": dict(
+        _COMMON,
+        num_hidden_layers=4,
+        intermediate_size=32,
+        intermediate_size_mlp=64,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        head_dim=16,
+        attention_chunk_size=8,
+    ),
 }
 
 
