@@ -179,15 +179,18 @@ def run_straggler_bench(args: argparse.Namespace) -> dict:
 def add_saturation_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens per layer call (x top-2 rows)")
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=None, help="expert FFN size (default 8/3 x hidden)")
     p.add_argument("--concurrency", type=int, default=16, help="layer calls in flight at once")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--max-batch-rows", type=int, default=4096, help="the peer's --max-batch-rows")
     p.add_argument(
         "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=(os.cpu_count() or 1) >= 2,
-        help="peer (and its raw baseline) on CPU 0 with one thread, the load-generating client on the other CPUs: "
-        "the peer's capacity is not shared with the client's (default: on with 2+ CPUs)",
+        choices=["device", "core", "off"],
+        default="device" if len(os.sched_getaffinity(0)) >= 2 else "off",
+        help="device: the peer's expert math alone on CPU 0 (--compute-cpus 0, one thread), as a GPU would be, "
+        "its network/crypto and the load-generating client on the other CPUs; core: the whole peer on CPU 0, "
+        "the client elsewhere (the peer pays its per-request work out of its compute); off: no pinning. "
+        "The raw baseline runs on CPU 0 with one thread when pinned (default: device with 2+ CPUs)",
     )
     p.add_argument("--json", type=Path, default=None)
 
@@ -214,9 +217,8 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
 
     from .toy_stack import LocalExperts
 
-    config = ToyConfig(
-        num_layers=1, num_experts=8, hidden_dim=args.hidden, ffn_dim=max(8, round(8 * args.hidden / 24) * 8), top_k=2
-    )
+    ffn = args.ffn or max(8, round(8 * args.hidden / 24) * 8)
+    config = ToyConfig(num_layers=1, num_experts=8, hidden_dim=args.hidden, ffn_dim=ffn, top_k=2)
     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
         ckpt = Path(tmp) / "ckpt"
@@ -225,8 +227,10 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
         local = ToyMoEStack.from_checkpoint(ckpt, LocalExperts.from_checkpoint(ckpt)).layers[0]
         with torch.inference_mode():
             _, experts = topk_softmax(local.gate(x), 2)
-        peer_cpu = {0} if args.pin else None
-        raw = _raw_rows_per_s(ckpt, args.tokens * 2 * args.concurrency, args.hidden, peer_cpu)  # swarm not up yet
+        pinned = args.pin != "off"
+        raw_cpus = {0} if pinned else None
+        raw_rows = args.tokens * 2 * args.concurrency
+        raw_before = _raw_rows_per_s(ckpt, raw_rows, args.hidden, raw_cpus)  # swarm not up yet
         swarm.start_bootstrap()
         peer = swarm.start_peer(
             "peer0",
@@ -236,11 +240,14 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
             "*",
             "--max-batch-rows",
             str(args.max_batch_rows),
-            *(["--threads", "1"] * args.pin),
+            *(["--threads", "1"] * pinned),
+            *(["--compute-cpus", "0"] * (args.pin == "device")),
         )
-        if args.pin:
+        others = sorted(os.sched_getaffinity(0) - {0})
+        if args.pin == "core":
             _pin(peer.pid, {0})
-            _pin(os.getpid(), set(range(1, os.cpu_count() or 2)), children=False)  # the swarm is our child
+        if pinned:
+            _pin(os.getpid(), set(others), children=False)  # the swarm is our child
         with SwarmClient(
             swarm.initial_peers, toy_model.read_manifest(ckpt).uids(), refresh_period=60, hedge=False
         ) as client:
@@ -268,15 +275,22 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
                 wall = time.perf_counter() - started
                 busy = (_cpu_seconds(peer.pid) - peer_cpu) / wall
                 client_busy = (_cpu_seconds(os.getpid(), children=False) - mine) / wall
+        swarm.stop(peer)  # raw again on the same CPU, the peer gone
+        # this machine's speed drifts by +-20% over a minute: raw is the mean of a run before and after
+        raw_after = _raw_rows_per_s(ckpt, raw_rows, args.hidden, raw_cpus)
+    raw = (raw_before + raw_after) / 2
     result = {
-        "pinned": args.pin,
+        "pin": args.pin,
         # CPU-seconds per second: near 1.0 (one pinned core) means the peer was the bottleneck
         "peer_cpu_busy": busy,
         "client_cpu_busy": client_busy,
+        "hidden": args.hidden,
+        "ffn": ffn,
         "rows_per_call": experts.numel(),
         "concurrency": args.concurrency,
         "served_rows_per_s": served,
         "raw_rows_per_s": raw,
+        "raw_rows_per_s_before_after": [raw_before, raw_after],
         "served_over_raw": served / raw,
     }
     if args.json:

@@ -261,7 +261,7 @@ class Dispatcher:
             keys, counter = session.keys, next(session.counters)
         sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
         rpc = self.channels.stub(replica.record.endpoint).Forward(sent.request, timeout=timeout)
-        # hash our request for the receipt check while the peer computes (hashlib releases the GIL)
+        # hash our request for the receipt check while the peer computes (BLAKE3 releases the GIL on large inputs)
         loop = asyncio.get_running_loop()
         request_digest = loop.run_in_executor(None, envelope.digest, sent.header, sent.plaintext)
         try:

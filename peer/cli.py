@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT nodes to join")
     s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument(
+        "--compute-cpus",
+        default=None,
+        help="CPUs for the expert math only, e.g. 0-3 or 0,2: the network, crypto and DHT run on the other "
+        "allowed CPUs, so they never preempt the computation (CPU peers on a many-core host)",
+    )
     s.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT refreshes")
     s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight work may finish on leave")
     s.add_argument(
@@ -234,6 +240,36 @@ def security(args: argparse.Namespace) -> dict:
     }
 
 
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """'0-3,6' -> {0, 1, 2, 3, 6} (the notation of taskset and /sys/devices/system/cpu)."""
+    cpus: set[int] = set()
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        lo, sep, hi = item.partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise ValueError(f"bad CPU list item {item!r}: expected N or A-B") from None
+        if first < 0 or last < first:
+            raise ValueError(f"bad CPU range {item!r}")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError(f"CPU list {text!r} names no CPU")
+    return frozenset(cpus)
+
+
+def split_cpus(text: str) -> frozenset[int]:
+    """Pin this process's threads (and every thread and process it starts from now on) to the
+    allowed CPUs outside `text`; return `text`'s CPUs for the compute thread."""
+    compute = parse_cpu_list(text)
+    allowed = os.sched_getaffinity(0)
+    if not compute <= allowed:
+        missing, have = sorted(compute - allowed), sorted(allowed)
+        raise ValueError(f"--compute-cpus {text}: CPUs {missing} are not available to this process (it has {have})")
+    host = allowed - compute
+    os.sched_setaffinity(0, host or allowed)  # threads inherit their creator's CPUs
+    return compute
+
+
 def release_freed_memory() -> None:
     """Hand the heap that loading freed (read buffers, digests) back to the OS: glibc keeps it
     otherwise, and a peer's footprint should be its experts, not its load history."""
@@ -380,6 +416,7 @@ async def serve(args: argparse.Namespace) -> None:
         **secure,
         corrupt_outputs=args.sim_corrupt,
         metrics=metrics,
+        compute_cpus=args.compute_cpus,
     )
     server, port = await start_server(servicer, args.host, args.port, args.max_message_bytes)
     endpoint = f"{args.announce_host or args.host}:{args.announce_port or port}"
@@ -477,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     try:
+        if args.compute_cpus is not None:
+            args.compute_cpus = split_cpus(args.compute_cpus)
         uvloop.run(serve(args))
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         print(f"moe-peer: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         sessions: SessionTable | None = None,
         corrupt_outputs: float = 0.0,
         metrics: PeerMetrics | None = None,
+        compute_cpus: frozenset[int] | None = None,
     ) -> None:
         self.experts = experts
         self.identity = identity or Identity.generate()
@@ -97,13 +99,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.load = 0  # token rows admitted and not yet answered
         self.served_requests = 0
         self.served_rows = 0
-        # one compute thread per device: the event loop keeps parsing and validating meanwhile.
-        # OpenMP thread counts are per thread, so the compute thread takes the process's setting.
+        # one compute thread per device: the event loop keeps parsing and validating meanwhile
         self._compute = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="expert-compute",
-            initializer=torch.set_num_threads,
-            initargs=(torch.get_num_threads(),),
+            initializer=_init_compute_thread,
+            initargs=(torch.get_num_threads(), compute_cpus),
         )
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipt-digest")
         self.batcher = MicroBatcher(experts, self._compute, max_batch_rows, batch_wait_ms)
@@ -122,7 +123,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self._compute.shutdown(wait=True, cancel_futures=True)
         self._hasher.shutdown(wait=True, cancel_futures=True)
 
-    def validate(self, request: pb.ForwardRequest) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    def validate(self, request: pb.ForwardRequest) -> tuple[list[tuple[str, int]], int, bytes]:
+        """(segments, rows, the input bytes): every cheap check before any crypto or compute."""
         if not request.segments:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no segments")
         segments = []
@@ -154,16 +156,21 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         except tensors.TensorCodecError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         sealed = bool(request.session_id)
-        if len(inp.data) != expected + (envelope.TAG_LEN if sealed else 0):
+        data = inp.data  # read once: every read of a protobuf bytes field is a fresh copy
+        if len(data) != expected + (envelope.TAG_LEN if sealed else 0):
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"inputs carry {len(inp.data)} bytes; shape {list(inp.shape)} {inp.dtype} needs {expected}"
+                f"inputs carry {len(data)} bytes; shape {list(inp.shape)} {inp.dtype} needs {expected}"
                 + (f" + {envelope.TAG_LEN} (seal tag)" if sealed else ""),
             )
-        return segments, rows
+        return segments, rows, data
 
     def open_inputs(
-        self, request: pb.ForwardRequest, segments: list[tuple[str, int]], context: grpc.aio.ServicerContext
+        self,
+        request: pb.ForwardRequest,
+        segments: list[tuple[str, int]],
+        data: bytes,
+        context: grpc.aio.ServicerContext,
     ) -> tuple[torch.Tensor, bytes, Session | None]:
         """The plaintext inputs, the request header they were bound to, and the session."""
         inp = request.inputs
@@ -183,14 +190,14 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "this peer only takes sealed requests")
             if self.allow_clients is not None:
                 raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "this peer only serves allowlisted clients")
-            plaintext, client = inp.data, context.peer()
+            plaintext, client = data, context.peer()
         else:
             session = self.sessions.get(request.session_id)
             if session is None:
                 raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
             try:
                 envelope.check_fresh(request.timestamp_ms)
-                plaintext = envelope.open_sealed(session.keys.to_peer, request.counter, inp.data, header)
+                plaintext = envelope.open_sealed(session.keys.to_peer, request.counter, data, header)
             except EnvelopeError as e:
                 raise RequestError(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
             if not session.window.accept(request.counter):
@@ -210,8 +217,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         out: torch.Tensor,
         segments: list[tuple[str, int]],
         session: Session | None,
-    ) -> tuple[pb.Tensor, bytes]:
-        """The output tensor message (sealed when the request was) and the signed receipt."""
+    ) -> pb.ForwardResponse:
+        """The response: outputs (sealed when the request was) and the signed receipt."""
         dtype, shape, data = tensors.payload(out)
         out_header = envelope.response_header(header, dtype, shape)
         statement = envelope.receipt_statement(
@@ -220,9 +227,17 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             [u for u, _ in segments],
             self.experts.model_id,
         )
+        # sealing writes new bytes; plaintext is copied out of the tensor (a field takes bytes only)
         if session is not None:
             data = envelope.seal(session.keys.to_client, request.counter, data, out_header)
-        return pb.Tensor(dtype=dtype, shape=shape, data=bytes(data)), self.identity.sign(statement)
+        else:
+            data = bytes(data)
+        response = pb.ForwardResponse(request_id=request.request_id, receipt=self.identity.sign(statement))
+        # fields set in place: a Tensor built apart would be copied again into the response
+        response.outputs.dtype = dtype
+        response.outputs.shape.extend(shape)
+        response.outputs.data = data
+        return response
 
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         admitted = 0
@@ -234,7 +249,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
             if self.state is not PeerState.ONLINE:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state.value}")
-            segments, rows = self.validate(request)
+            segments, rows, data = self.validate(request)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
@@ -245,10 +260,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"overloaded: {self.load} rows queued, {rows} more exceed {self.max_queue_rows}",
                 )
-            x, header, session = self.open_inputs(request, segments, context)
+            x, header, session = self.open_inputs(request, segments, data, context)
+            del data  # the sealed bytes: only the plaintext is needed from here
             admitted = rows
             self.load += admitted
-            # the receipt's request digest, hashed while the device computes (hashlib releases the GIL)
+            # the receipt's request digest, hashed while the device computes (BLAKE3 releases the GIL on large inputs)
             request_digest = asyncio.get_running_loop().run_in_executor(
                 self._hasher, envelope.digest, header, tensors.payload(x)[2]
             )
@@ -264,17 +280,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during compute")
-            outputs, receipt = self.answer(request, header, await request_digest, out, segments, session)
+            response = self.answer(request, header, await request_digest, out, segments, session)
+            response.queue_ms, response.compute_ms = queue_ms, compute_ms
             self.served_requests += 1
             self.served_rows += admitted
             status = "OK"
-            return pb.ForwardResponse(
-                request_id=request.request_id,
-                outputs=outputs,
-                queue_ms=queue_ms,
-                compute_ms=compute_ms,
-                receipt=receipt,
-            )
+            return response
         except RequestError as e:
             status = e.code.name
             await context.abort(e.code, str(e))
@@ -338,6 +349,15 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             identity=self.identity.public,
             kx_public=self.identity.kx_public,
         )
+
+
+def _init_compute_thread(threads: int, cpus: frozenset[int] | None) -> None:
+    # OpenMP thread counts are per thread: the compute thread takes the process's setting.
+    # Pinned (--compute-cpus), the expert math keeps its cores to itself, as on a device,
+    # and its OpenMP workers inherit the pin.
+    torch.set_num_threads(threads)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def _lenient(message: type) -> Callable[[bytes], object | None]:

@@ -54,12 +54,15 @@ def build_request(
     request = pb.ForwardRequest(
         request_id=request_id,
         segments=[pb.Segment(expert_uid=u, num_rows=n) for u, n in segments],
-        inputs=pb.Tensor(dtype=name, shape=shape, data=payload),
         session_id=session_id,
         counter=counter,
         timestamp_ms=now_ms,
         deadline_ms=deadline_ms,
     )
+    # set in place: a Tensor message built apart would be copied again into the request
+    request.inputs.dtype = name
+    request.inputs.shape.extend(shape)
+    request.inputs.data = payload
     return Sent(request, header, data, keys)
 
 
@@ -68,7 +71,7 @@ def open_response(
 ) -> tuple[torch.Tensor, bytes]:
     """(outputs, the receipt statement the peer signed); EnvelopeError if anything does not check out.
     `request_digest` (= envelope.digest(sent.header, sent.plaintext)) may be computed while the
-    call is in flight: hashlib releases the GIL."""
+    call is in flight: BLAKE3 releases the GIL on large inputs."""
     inp, out = sent.request.inputs, response.outputs
     if out.dtype != inp.dtype or list(out.shape) != list(inp.shape):
         raise EnvelopeError(f"returned {out.dtype} {list(out.shape)}, expected {inp.dtype} {list(inp.shape)}")

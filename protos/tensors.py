@@ -21,6 +21,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_NDIM = 4
+# Decoded inputs wrap the message's read-only bytes and nothing writes into them. Filtered
+# once here: catch_warnings() per call would race between the loop and compute threads.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class TensorCodecError(ValueError):
@@ -75,10 +78,7 @@ def from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch
     """Wraps `data` (whose length the caller checked) without a copy."""
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # the buffer is read-only bytes; nothing writes into a decoded input
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype).view(shape)
+    return torch.frombuffer(data, dtype=dtype).view(shape)
 
 
 def decode(msg: pb.Tensor, *, max_bytes: int | None = None) -> torch.Tensor:

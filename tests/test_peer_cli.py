@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,8 @@ def run_peer(*args: str) -> subprocess.CompletedProcess:
         (["--seed", "0", "--experts", "5:0"], "outside 0..1"),
         (["--seed", "0", "--experts", "0"], "LAYERS:EXPERTS"),
         (["--seed", "0", "--hidden", "0"], "must be >= 1"),
+        (["--seed", "0", "--compute-cpus", "4096"], "not available to this process"),
+        (["--seed", "0", "--compute-cpus", "0-x"], "expected N or A-B"),
     ],
 )
 def test_bad_configuration_exits_with_message(args, words):
@@ -28,6 +31,55 @@ def test_bad_configuration_exits_with_message(args, words):
     assert result.returncode == 2
     assert words in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_parse_cpu_list():
+    from peer.cli import parse_cpu_list
+
+    assert parse_cpu_list("0-2,5, 7") == {0, 1, 2, 5, 7}
+    for bad in ["", "3-1", "-1", "a"]:
+        with pytest.raises(ValueError):
+            parse_cpu_list(bad)
+
+
+def _allowed_cpus(pid: int, tid: int) -> str:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError("no Cpus_allowed_list")
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or 0 not in os.sched_getaffinity(0), reason="needs CPU 0 and one more"
+)
+def test_compute_cpus_keep_the_expert_math_apart_from_everything_else(swarm):
+    import grpc
+    import torch
+
+    from peer.experts import HostedExperts
+    from protos import expert_service_pb2 as pb
+    from protos import expert_service_pb2_grpc as pb_grpc
+    from protos.toy_model import ToyConfig
+
+    from .sealing import SealedStub
+
+    proc = swarm.start_peer("peer-pinned", "--seed", "3", "--hidden", "16", "--ffn", "16", "--compute-cpus", "0")
+    try:
+        host = ",".join(map(str, sorted(os.sched_getaffinity(0) - {0})))
+        with grpc.insecure_channel(proc.info["endpoint"]) as channel:
+            stub = SealedStub(pb_grpc.ExpertServiceStub(channel))
+            uid = stub.stub.Info(pb.InfoRequest(), timeout=10).experts[0].uid
+            x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+            out = stub.forward(uid, x)  # the compute thread starts with the first request
+        config = ToyConfig(num_layers=2, num_experts=8, hidden_dim=16, ffn_dim=16)
+        reference = HostedExperts.from_seed(config, 3, "*", torch.device("cpu")).forward(x, [(uid, 5)])
+        assert torch.allclose(out, reference, atol=1e-6)
+        threads = {int(t): _allowed_cpus(proc.pid, int(t)) for t in os.listdir(f"/proc/{proc.pid}/task")}
+        assert threads[proc.pid] == host  # the loop, gRPC and crypto: off the compute CPU
+        assert "0" in threads.values()  # the expert-compute thread
+        assert set(threads.values()) == {host, "0"}
+    finally:
+        swarm.stop(proc)
 
 
 def test_ctrl_c_to_the_process_group_drains_and_withdraws(swarm):
