@@ -67,3 +67,21 @@ def test_stack_through_swarm_equals_local_stack(client, tiny_checkpoint):
     assert got.shape == x.shape
     assert (got - want).abs().max().item() <= 1e-5
     assert client.dispatcher.stats.rpcs - rpcs <= TINY.num_layers * len(PEER_SPECS)
+
+
+def test_megabyte_requests_hash_off_the_loop_and_still_match(client, tiny_checkpoint):
+    """Payloads from DIGEST_OFFLOAD_BYTES up are hashed in a worker thread on both sides (the
+    smaller ones inline): the receipts must verify and the outputs match either way."""
+    from coordinator.toy_stack import LocalExperts
+    from protos.envelope import DIGEST_OFFLOAD_BYTES
+
+    uids = toy_model.read_manifest(tiny_checkpoint).uids()[: TINY.num_experts]
+    tokens = DIGEST_OFFLOAD_BYTES // (4 * TINY.hidden_dim * 2)  # x 2 experts of peer-a = 1 MiB of float32
+    x = torch.randn(tokens, TINY.hidden_dim, generator=torch.Generator().manual_seed(5))
+    experts = torch.tensor([[0, 1]] * tokens)
+    rpcs = client.dispatcher.stats.rpcs
+    got = client.dispatch(x, experts, uids, torch.float32)
+    want = LocalExperts.from_checkpoint(tiny_checkpoint).dispatch(x, experts, uids, torch.float32)
+    assert client.dispatcher.stats.rpcs - rpcs == 1  # one request carrying all 2 x tokens rows
+    assert got.answered.all()
+    assert (got.outputs - want.outputs).abs().max().item() <= 1e-5
