@@ -81,12 +81,7 @@ class RemoteExperts(nn.Module):
         # experts: each token's contributions are added one slot at a time in ascending expert
         # order, so every row sees the same roundings in the same sequence.
         weighted = (result.outputs * top_k_weights[..., None]).to(hidden_states.dtype)
-        by_expert = result.experts.argsort(dim=1, stable=True)
-        final = torch.zeros_like(hidden_states)
-        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-        for j in range(top_k_index.shape[1]):
-            final = final + weighted[rows, by_expert[:, j]]
-        return final
+        return _sum_in_expert_order(weighted, result.experts)
 
     def scaled_inputs(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_scores: torch.Tensor
@@ -108,13 +103,18 @@ class RemoteExperts(nn.Module):
             )
             outputs.append(result.outputs[:, 0])  # zero where dropped
         # transformers sums over the expert dimension in ascending expert order (zeros between)
-        by_expert = top_k_index.argsort(dim=1, stable=True)
-        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-        stacked = torch.stack(outputs, dim=1)
-        final = torch.zeros_like(hidden_states)
-        for j in range(top_k_index.shape[1]):
-            final = final + stacked[rows, by_expert[:, j]]
-        return final
+        return _sum_in_expert_order(torch.stack(outputs, dim=1), top_k_index)
+
+
+def _sum_in_expert_order(per_slot: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """[T, k, H] -> [T, H]: each token's k contributions added one at a time in ascending
+    expert order, the order of transformers' loops over experts."""
+    by_expert = experts.argsort(dim=1, stable=True)
+    rows = torch.arange(per_slot.shape[0], device=per_slot.device)
+    final = torch.zeros_like(per_slot[:, 0])
+    for j in range(experts.shape[1]):
+        final = final + per_slot[rows, by_expert[:, j]]
+    return final
 
 
 def _llama4_moe_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
