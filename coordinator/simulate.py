@@ -588,6 +588,9 @@ def plot_report(report: dict, path: Path) -> None:
 
 
 _MAIN_PID = os.getpid()
+# Set by Ctrl-C / SIGTERM. The KeyboardInterrupt a signal raises is lost when it lands in a
+# __del__ or a weakref callback (Python only prints it), so the run loop checks this too.
+_INTERRUPTED = threading.Event()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -595,13 +598,15 @@ def _interrupt(signum: int, frame: object) -> None:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
+    _INTERRUPTED.set()
     raise KeyboardInterrupt
 
 
 def run_simulation(args: argparse.Namespace, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     # SIGTERM unwinds like Ctrl-C, so every `with` below stops what it started
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    _INTERRUPTED.clear()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with LocalSwarm(args.workdir) as swarm:
             try:
@@ -612,7 +617,8 @@ def run_simulation(args: argparse.Namespace, console: Console | None = None) -> 
                 swarm.stop_many(list(reversed(swarm.processes)), signal.SIGTERM, timeout=5)
                 console.print(f"stopped the {count} processes still running in {time.monotonic() - stopping:.1f}s")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(args: argparse.Namespace, swarm: LocalSwarm, console: Console) -> dict:
@@ -682,6 +688,8 @@ def _drive(
 
     with Live(console=console, refresh_per_second=4, transient=True, auto_refresh=not args.no_live) as live:
         while sim.now() < args.duration:
+            if _INTERRUPTED.is_set():
+                raise KeyboardInterrupt  # a Ctrl-C whose exception was swallowed on its way
             sim.poll()
             for event in [e for e in pending if e.at <= sim.now()]:
                 if sim.apply(event):

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 UNPARSABLE = "request bytes are not a valid protobuf message of this method"
+MAX_STREAM_BUDGET_S = 600.0  # a streamed request's deadline is capped: no work waits longer
+DEFAULT_MAX_STREAM_REQUESTS = 256  # in flight on one stream (rows are bounded by admission control)
 
 
 class RequestError(Exception):
@@ -82,6 +84,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         corrupt_outputs: float = 0.0,
         metrics: PeerMetrics | None = None,
         compute_cpus: frozenset[int] | None = None,
+        max_stream_requests: int = DEFAULT_MAX_STREAM_REQUESTS,
     ) -> None:
         self.experts = experts
         self.identity = identity or Identity.generate()
@@ -95,6 +98,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.max_rows = max_rows
         self.max_queue_rows = max_queue_rows  # admission control: rows admitted and not yet answered
         self.max_message_bytes = max_message_bytes
+        self.max_stream_requests = max_stream_requests
         self.state = PeerState.JOINING
         self.load = 0  # token rows admitted and not yet answered
         self.served_requests = 0
@@ -166,11 +170,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return segments, rows, data
 
     def open_inputs(
-        self,
-        request: pb.ForwardRequest,
-        segments: list[tuple[str, int]],
-        data: bytes,
-        context: grpc.aio.ServicerContext,
+        self, request: pb.ForwardRequest, segments: list[tuple[str, int]], data: bytes, client: str
     ) -> tuple[torch.Tensor, bytes, Session | None]:
         """The plaintext inputs, the request header they were bound to, and the session."""
         inp = request.inputs
@@ -190,7 +190,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "this peer only takes sealed requests")
             if self.allow_clients is not None:
                 raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "this peer only serves allowlisted clients")
-            plaintext, client = data, context.peer()
+            plaintext = data
         else:
             session = self.sessions.get(request.session_id)
             if session is None:
@@ -239,7 +239,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         response.outputs.data = data
         return response
 
-    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+    async def serve_request(
+        self, request: pb.ForwardRequest | None, client: str, deadline: float | None
+    ) -> pb.ForwardResponse:
+        """One Forward, however it arrived; RequestError when refused. `client` names a plaintext
+        caller (rate limits); `deadline` is a time.monotonic() after which the answer is useless."""
         admitted = 0
         started = time.perf_counter()
         segments: list[tuple[str, int]] = []
@@ -250,8 +254,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             if self.state is not PeerState.ONLINE:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state.value}")
             segments, rows, data = self.validate(request)
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
             if self.load + rows > self.max_queue_rows:
                 # refuse at once so the coordinator goes to another replica instead of waiting;
@@ -260,7 +263,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"overloaded: {self.load} rows queued, {rows} more exceed {self.max_queue_rows}",
                 )
-            x, header, session = self.open_inputs(request, segments, data, context)
+            x, header, session = self.open_inputs(request, segments, data, client)
             del data  # the sealed bytes: only the plaintext is needed from here
             admitted = rows
             self.load += admitted
@@ -274,7 +277,6 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             else:
                 request_digest = asyncio.get_running_loop().create_future()
                 request_digest.set_result(envelope.digest(header, plain))
-            deadline = None if remaining is None else time.monotonic() + remaining
             try:
                 out, queue_ms, compute_ms = await self.batcher.submit(x, segments, deadline)
             except DeadlineMissed:
@@ -283,8 +285,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 await self.impairment.apply(compute_ms)
             if self.corrupt_outputs:
                 out = out * (1 + self.corrupt_outputs)  # signed as if honest: only a comparison can tell
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during compute")
             response = self.answer(request, header, await request_digest, out, segments, session)
             response.queue_ms, response.compute_ms = queue_ms, compute_ms
@@ -294,19 +295,78 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             return response
         except RequestError as e:
             status = e.code.name
-            await context.abort(e.code, str(e))
+            raise
         except asyncio.CancelledError:
             raise  # the client went away or its deadline fired: nothing to answer
-        except Exception:
+        except Exception as e:
             log.exception("Forward failed")
             status = "INTERNAL"
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error while computing experts")
+            raise RequestError(grpc.StatusCode.INTERNAL, "internal error while computing experts") from e
         finally:
             self.load -= admitted
             if self.metrics is not None:
                 self.metrics.answered(status, segments, (time.perf_counter() - started) * 1e3)
                 self.metrics.queued_rows.set(self.load)
                 self.metrics.sessions.set(len(self.sessions))
+
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            return await self.serve_request(request, context.peer(), deadline)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+
+    async def ForwardStream(
+        self, requests: AsyncIterator[pb.ForwardRequest | None], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ForwardResponse]:
+        """Many Forwards on one stream, answered as they complete; refusals are answers too."""
+        replies: asyncio.Queue[pb.ForwardResponse | None] = asyncio.Queue()
+        running: dict[str, asyncio.Task] = {}
+        client = context.peer()
+
+        def refuse(request_id: str, code: grpc.StatusCode, message: str) -> None:
+            refusal = pb.Refusal(code=code.value[0], message=message)
+            replies.put_nowait(pb.ForwardResponse(request_id=request_id, refusal=refusal))
+
+        async def one(request: pb.ForwardRequest) -> None:
+            try:
+                replies.put_nowait(await self.serve_request(request, client, stream_deadline(request)))
+            except RequestError as e:
+                refuse(request.request_id, e.code, str(e))
+            finally:
+                running.pop(request.request_id, None)
+
+        async def read() -> None:
+            async for request in requests:
+                if request is None:
+                    refuse("", grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
+                elif request.cancel:
+                    if (task := running.get(request.request_id)) is not None:
+                        task.cancel()  # queued work of a cancelled request is dropped before compute
+                elif request.request_id in running:
+                    refuse(request.request_id, grpc.StatusCode.INVALID_ARGUMENT, "request_id already in flight")
+                elif len(running) >= self.max_stream_requests:
+                    refuse(
+                        request.request_id,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{len(running)} requests in flight on this stream; the limit is {self.max_stream_requests}",
+                    )
+                else:
+                    running[request.request_id] = asyncio.create_task(one(request))
+            # the client is done sending: answer what is in flight, then end the stream
+            await asyncio.gather(*running.values(), return_exceptions=True)
+            replies.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # surfaces a failed read (e.g. the stream broke)
+        finally:
+            reader.cancel()
+            for task in list(running.values()):
+                task.cancel()
 
     async def OpenSession(self, request: pb.SessionHello, context: grpc.aio.ServicerContext) -> pb.SessionAccept:
         if request is None:
@@ -357,6 +417,16 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         )
 
 
+def stream_deadline(request: pb.ForwardRequest, now: float | None = None) -> float | None:
+    """A streamed request's deadline on this peer's monotonic clock: the budget its sender
+    sealed in (deadline_ms - timestamp_ms), counted from arrival, so clock skew cannot stretch
+    or cut it. None when the request carries no deadline."""
+    if not request.deadline_ms:
+        return None
+    budget_s = max(request.deadline_ms - request.timestamp_ms, 0) / 1e3
+    return (time.monotonic() if now is None else now) + min(budget_s, MAX_STREAM_BUDGET_S)
+
+
 def _init_compute_thread(threads: int, cpus: frozenset[int] | None) -> None:
     # OpenMP thread counts are per thread: the compute thread takes the process's setting.
     # Pinned (--compute-cpus), the expert math keeps its cores to itself, as on a device,
@@ -380,18 +450,18 @@ def _lenient(message: type) -> Callable[[bytes], object | None]:
 
 
 def service_handler(servicer: ExpertServicer) -> grpc.GenericRpcHandler:
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
     methods = {
-        "Forward": (servicer.Forward, pb.ForwardRequest, pb.ForwardResponse),
-        "Info": (servicer.Info, pb.InfoRequest, pb.InfoResponse),
-        "OpenSession": (servicer.OpenSession, pb.SessionHello, pb.SessionAccept),
+        "Forward": (unary, servicer.Forward, pb.ForwardRequest, pb.ForwardResponse),
+        "ForwardStream": (stream, servicer.ForwardStream, pb.ForwardRequest, pb.ForwardResponse),
+        "Info": (unary, servicer.Info, pb.InfoRequest, pb.InfoResponse),
+        "OpenSession": (unary, servicer.OpenSession, pb.SessionHello, pb.SessionAccept),
     }
     return grpc.method_handlers_generic_handler(
         "moe_swarm.v1.ExpertService",
         {
-            name: grpc.unary_unary_rpc_method_handler(
-                handler, request_deserializer=_lenient(req), response_serializer=resp.SerializeToString
-            )
-            for name, (handler, req, resp) in methods.items()
+            name: kind(handler, request_deserializer=_lenient(req), response_serializer=resp.SerializeToString)
+            for name, (kind, handler, req, resp) in methods.items()
         },
     )
 

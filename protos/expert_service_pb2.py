@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/expert_service.proto\x12\x0cmoe_swarm.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"/\n\x07Segment\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\r\"\xc3\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x08segments\x18\x02 \x03(\x0b\x32\x15.moe_swarm.v1.Segment\x12$\n\x06inputs\x18\x03 \x01(\x0b\x32\x14.moe_swarm.v1.Tensor\x12\x12\n\nsession_id\x18\x04 \x01(\x0c\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\x04\"\x83\x01\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07outputs\x18\x02 \x01(\x0b\x32\x14.moe_swarm.v1.Tensor\x12\x10\n\x08queue_ms\x18\x03 \x01(\x02\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x0f\n\x07receipt\x18\x05 \x01(\x0c\"j\n\x0cSessionHello\x12\x17\n\x0f\x63lient_identity\x18\x01 \x01(\x0c\x12\x18\n\x10\x63lient_ephemeral\x18\x02 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x04\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"2\n\rSessionAccept\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05ttl_s\x18\x02 \x01(\r\"\r\n\x0bInfoRequest\"[\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nhidden_dim\x18\x02 \x01(\r\x12\x0f\n\x07\x66\x66n_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\"\x9e\x02\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12)\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x18.moe_swarm.v1.ExpertInfo\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x10\n\x08max_rows\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05state\x18\t \x01(\t\x12\x17\n\x0frequests_served\x18\n \x01(\x04\x12\x13\n\x0brows_served\x18\x0b \x01(\x04\x12\x10\n\x08identity\x18\x0c \x01(\x0c\x12\x11\n\tkx_public\x18\r \x01(\x0c\"\'\n\x13ReachabilityRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"6\n\x11ReachabilityReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\xde\x01\n\rExpertService\x12\x46\n\x07\x46orward\x12\x1c.moe_swarm.v1.ForwardRequest\x1a\x1d.moe_swarm.v1.ForwardResponse\x12=\n\x04Info\x12\x19.moe_swarm.v1.InfoRequest\x1a\x1a.moe_swarm.v1.InfoResponse\x12\x46\n\x0bOpenSession\x12\x1a.moe_swarm.v1.SessionHello\x1a\x1b.moe_swarm.v1.SessionAcceptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/expert_service.proto\x12\x0cmoe_swarm.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"/\n\x07Segment\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\r\"\xd3\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x08segments\x18\x02 \x03(\x0b\x32\x15.moe_swarm.v1.Segment\x12$\n\x06inputs\x18\x03 \x01(\x0b\x32\x14.moe_swarm.v1.Tensor\x12\x12\n\nsession_id\x18\x04 \x01(\x0c\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\x04\x12\x0e\n\x06\x63\x61ncel\x18\x08 \x01(\x08\"(\n\x07Refusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xab\x01\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07outputs\x18\x02 \x01(\x0b\x32\x14.moe_swarm.v1.Tensor\x12\x10\n\x08queue_ms\x18\x03 \x01(\x02\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x0f\n\x07receipt\x18\x05 \x01(\x0c\x12&\n\x07refusal\x18\x06 \x01(\x0b\x32\x15.moe_swarm.v1.Refusal\"j\n\x0cSessionHello\x12\x17\n\x0f\x63lient_identity\x18\x01 \x01(\x0c\x12\x18\n\x10\x63lient_ephemeral\x18\x02 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x04\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"2\n\rSessionAccept\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05ttl_s\x18\x02 \x01(\r\"\r\n\x0bInfoRequest\"[\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nhidden_dim\x18\x02 \x01(\r\x12\x0f\n\x07\x66\x66n_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\"\x9e\x02\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12)\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x18.moe_swarm.v1.ExpertInfo\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x10\n\x08max_rows\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05state\x18\t \x01(\t\x12\x17\n\x0frequests_served\x18\n \x01(\x04\x12\x13\n\x0brows_served\x18\x0b \x01(\x04\x12\x10\n\x08identity\x18\x0c \x01(\x0c\x12\x11\n\tkx_public\x18\r \x01(\x0c\"\'\n\x13ReachabilityRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"6\n\x11ReachabilityReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\xb0\x02\n\rExpertService\x12\x46\n\x07\x46orward\x12\x1c.moe_swarm.v1.ForwardRequest\x1a\x1d.moe_swarm.v1.ForwardResponse\x12P\n\rForwardStream\x12\x1c.moe_swarm.v1.ForwardRequest\x1a\x1d.moe_swarm.v1.ForwardResponse(\x01\x30\x01\x12=\n\x04Info\x12\x19.moe_swarm.v1.InfoRequest\x1a\x1a.moe_swarm.v1.InfoResponse\x12\x46\n\x0bOpenSession\x12\x1a.moe_swarm.v1.SessionHello\x1a\x1b.moe_swarm.v1.SessionAcceptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENT']._serialized_start=99
   _globals['_SEGMENT']._serialized_end=146
   _globals['_FORWARDREQUEST']._serialized_start=149
-  _globals['_FORWARDREQUEST']._serialized_end=344
-  _globals['_FORWARDRESPONSE']._serialized_start=347
-  _globals['_FORWARDRESPONSE']._serialized_end=478
-  _globals['_SESSIONHELLO']._serialized_start=480
-  _globals['_SESSIONHELLO']._serialized_end=586
-  _globals['_SESSIONACCEPT']._serialized_start=588
-  _globals['_SESSIONACCEPT']._serialized_end=638
-  _globals['_INFOREQUEST']._serialized_start=640
-  _globals['_INFOREQUEST']._serialized_end=653
-  _globals['_EXPERTINFO']._serialized_start=655
-  _globals['_EXPERTINFO']._serialized_end=746
-  _globals['_INFORESPONSE']._serialized_start=749
-  _globals['_INFORESPONSE']._serialized_end=1035
-  _globals['_REACHABILITYREQUEST']._serialized_start=1037
-  _globals['_REACHABILITYREQUEST']._serialized_end=1076
-  _globals['_REACHABILITYREPLY']._serialized_start=1078
-  _globals['_REACHABILITYREPLY']._serialized_end=1132
-  _globals['_EXPERTSERVICE']._serialized_start=1135
-  _globals['_EXPERTSERVICE']._serialized_end=1357
+  _globals['_FORWARDREQUEST']._serialized_end=360
+  _globals['_REFUSAL']._serialized_start=362
+  _globals['_REFUSAL']._serialized_end=402
+  _globals['_FORWARDRESPONSE']._serialized_start=405
+  _globals['_FORWARDRESPONSE']._serialized_end=576
+  _globals['_SESSIONHELLO']._serialized_start=578
+  _globals['_SESSIONHELLO']._serialized_end=684
+  _globals['_SESSIONACCEPT']._serialized_start=686
+  _globals['_SESSIONACCEPT']._serialized_end=736
+  _globals['_INFOREQUEST']._serialized_start=738
+  _globals['_INFOREQUEST']._serialized_end=751
+  _globals['_EXPERTINFO']._serialized_start=753
+  _globals['_EXPERTINFO']._serialized_end=844
+  _globals['_INFORESPONSE']._serialized_start=847
+  _globals['_INFORESPONSE']._serialized_end=1133
+  _globals['_REACHABILITYREQUEST']._serialized_start=1135
+  _globals['_REACHABILITYREQUEST']._serialized_end=1174
+  _globals['_REACHABILITYREPLY']._serialized_start=1176
+  _globals['_REACHABILITYREPLY']._serialized_end=1230
+  _globals['_EXPERTSERVICE']._serialized_start=1233
+  _globals['_EXPERTSERVICE']._serialized_end=1537
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ class Segment(_message.Message):
     def __init__(self, expert_uid: _Optional[str] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "segments", "inputs", "session_id", "counter", "timestamp_ms", "deadline_ms")
+    __slots__ = ("request_id", "segments", "inputs", "session_id", "counter", "timestamp_ms", "deadline_ms", "cancel")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class ForwardRequest(_message.Message):
     COUNTER_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     inputs: Tensor
@@ -40,21 +41,32 @@ class ForwardRequest(_message.Message):
     counter: int
     timestamp_ms: int
     deadline_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., session_id: _Optional[bytes] = ..., counter: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    cancel: bool
+    def __init__(self, request_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., session_id: _Optional[bytes] = ..., counter: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("request_id", "outputs", "queue_ms", "compute_ms", "receipt")
+    __slots__ = ("request_id", "outputs", "queue_ms", "compute_ms", "receipt", "refusal")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     outputs: Tensor
     queue_ms: float
     compute_ms: float
     receipt: bytes
-    def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., receipt: _Optional[bytes] = ...) -> None: ...
+    refusal: Refusal
+    def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., receipt: _Optional[bytes] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
 
 class SessionHello(_message.Message):
     __slots__ = ("client_identity", "client_ephemeral", "timestamp_ms", "signature")

@@ -39,6 +39,11 @@ class ExpertServiceStub:
                 request_serializer=protos_dot_expert__service__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=protos_dot_expert__service__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/moe_swarm.v1.ExpertService/ForwardStream',
+                request_serializer=protos_dot_expert__service__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__service__pb2.ForwardResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/moe_swarm.v1.ExpertService/Info',
                 request_serializer=protos_dot_expert__service__pb2.InfoRequest.SerializeToString,
@@ -60,6 +65,15 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """The same requests on one long-lived stream: no per-call setup; answers come in completion
+        order, matched by request_id; a refused request gets a Refusal and the stream goes on.
+        The peer's deadline for a request is its sealed (deadline_ms - timestamp_ms) from arrival.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -77,6 +91,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
+                    request_deserializer=protos_dot_expert__service__pb2.ForwardRequest.FromString,
+                    response_serializer=protos_dot_expert__service__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
                     request_deserializer=protos_dot_expert__service__pb2.ForwardRequest.FromString,
                     response_serializer=protos_dot_expert__service__pb2.ForwardResponse.SerializeToString,
             ),
@@ -116,6 +135,33 @@ class ExpertService:
             request,
             target,
             '/moe_swarm.v1.ExpertService/Forward',
+            protos_dot_expert__service__pb2.ForwardRequest.SerializeToString,
+            protos_dot_expert__service__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moe_swarm.v1.ExpertService/ForwardStream',
             protos_dot_expert__service__pb2.ForwardRequest.SerializeToString,
             protos_dot_expert__service__pb2.ForwardResponse.FromString,
             options,
