@@ -338,6 +338,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 running.pop(request.request_id, None)
 
         async def read() -> None:
+            try:
+                await read_all()
+            finally:
+                replies.put_nowait(None)  # ends the reply loop below, also when reading failed
+
+        async def read_all() -> None:
             async for request in requests:
                 if request is None:
                     refuse("", grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
@@ -356,7 +362,6 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                     running[request.request_id] = asyncio.create_task(one(request))
             # the client is done sending: answer what is in flight, then end the stream
             await asyncio.gather(*running.values(), return_exceptions=True)
-            replies.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
