@@ -143,12 +143,7 @@ def group_by_expert(flat_experts: torch.Tensor) -> dict[int, torch.Tensor]:
     """expert -> its positions in `flat_experts`, ascending (stable)."""
     order = torch.argsort(flat_experts, stable=True)
     counts = torch.bincount(flat_experts).tolist()
-    groups, start = {}, 0
-    for expert, rows in enumerate(counts):
-        if rows:
-            groups[expert] = order[start : start + rows]
-            start += rows
-    return groups
+    return {expert: part for expert, part in enumerate(order.split(counts)) if counts[expert]}
 
 
 class Dispatcher:
@@ -261,18 +256,25 @@ class Dispatcher:
             keys, counter = session.keys, next(session.counters)
         sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
         rpc = self.channels.stub(replica.record.endpoint).Forward(sent.request, timeout=timeout)
-        digest = None  # a small request is hashed when the answer is checked (cheaper than a thread hop)
-        if sent.plaintext.nbytes < envelope.DIGEST_OFFLOAD_BYTES:
-            response = await rpc
-        else:
-            # a big one while the peer computes (BLAKE3 releases the GIL on large inputs)
-            request_digest = asyncio.get_running_loop().run_in_executor(
-                None, envelope.digest, sent.header, sent.plaintext
-            )
-            try:
+        try:
+            # the receipt's request digest is computed while the peer works: once the call task
+            # has sent, a small request here (cheaper than a thread hop), a big one on a thread
+            # (BLAKE3 releases the GIL on large inputs)
+            await asyncio.sleep(0)
+            if sent.plaintext.nbytes < envelope.DIGEST_OFFLOAD_BYTES:
+                digest = envelope.digest(sent.header, sent.plaintext)
                 response = await rpc
-            finally:
-                digest = await request_digest
+            else:
+                request_digest = asyncio.get_running_loop().run_in_executor(
+                    None, envelope.digest, sent.header, sent.plaintext
+                )
+                try:
+                    response = await rpc
+                finally:
+                    digest = await request_digest
+        except asyncio.CancelledError:
+            rpc.cancel()  # a hedge lost or the deadline passed, maybe before the call was awaited
+            raise
         ms = (time.perf_counter() - started) * 1e3
         out, statement = sealed.open_response(sent, response, replica.record.identity, digest)
         self.stats.peer_compute_ms.append(response.compute_ms)
@@ -310,10 +312,11 @@ class Dispatcher:
             rerouted = await self._reroute(missing, work, answers, flat, experts, x, uids, dtype, scores(), tried)
         result = torch.zeros(k * num_tokens, x.shape[-1], dtype=dtype)
         answered = torch.zeros(k * num_tokens, dtype=torch.bool)
-        for expert, positions in work.items():
-            if expert in answers:
-                result[positions] = answers[expert]
-                answered[positions] = True
+        done = [e for e in work if e in answers]
+        if done:  # one scatter for all experts (their positions are disjoint)
+            positions = torch.cat([work[e] for e in done])
+            result.index_copy_(0, positions, torch.cat([answers[e] for e in done]).to(dtype))
+            answered[positions] = True
         dropped = int((~answered).sum())
         self.stats.layer_calls += 1
         self.stats.routed += flat.numel()

@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.compute_cpus is not None:
             args.compute_cpus = split_cpus(args.compute_cpus)
+            if not args.threads:  # one torch thread per compute CPU, not per CPU of the host
+                torch.set_num_threads(len(args.compute_cpus))
         uvloop.run(serve(args))
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         print(f"moe-peer: error: {e}", file=sys.stderr)

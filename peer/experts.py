@@ -43,8 +43,29 @@ def parse_expert_spec(spec: str, num_layers: int, num_experts: int) -> list[tupl
     return sorted(chosen)
 
 
+# On CPU, ragged grouped GEMMs run the experts one after another, and a GEMM of a few rows
+# keeps only one core busy. A batched GEMM with every expert padded to the same row capacity
+# (GShard's capacity factor) runs them side by side on torch's threads instead; it is used
+# while padded rows stay within this multiple of the real ones.
+MAX_PADDED_ROWS = 1.5
+
+
+def padded_span(rows_per_slot: list[int], threads: int) -> tuple[int, int, int] | None:
+    """(first slot, end slot, row capacity) of a padded batched GEMM worth running, else None:
+    the span covers every slot with rows (a contiguous view of the stacks, no weight copy)."""
+    used = [slot for slot, rows in enumerate(rows_per_slot) if rows]
+    if threads < 2 or len(used) < 2:
+        return None
+    lo, hi = used[0], used[-1] + 1
+    capacity = max(rows_per_slot)
+    if (hi - lo) * capacity > MAX_PADDED_ROWS * sum(rows_per_slot):
+        return None
+    return lo, hi, capacity
+
+
 class LayerExperts:
-    """The hosted experts of one layer, stacked so one grouped GEMM serves all their segments.
+    """The hosted experts of one layer, stacked so one batched or grouped GEMM serves all
+    their segments.
 
     w13 [n, H, 2F] holds w1 and w3 side by side (two GEMMs per call instead of three), w2 [n, F, H].
     """
@@ -66,6 +87,10 @@ class LayerExperts:
 
     def many(self, x: torch.Tensor, rows_per_slot: list[int]) -> torch.Tensor:
         """x holds each slot's rows in slot order (0 rows allowed)."""
+        if x.device.type == "cpu":
+            span = padded_span(rows_per_slot, torch.get_num_threads())
+            if span is not None:
+                return self.padded(x, rows_per_slot, *span)
         if not self.grouped:
             out, start = [], 0
             for slot, rows in enumerate(rows_per_slot):
@@ -76,6 +101,17 @@ class LayerExperts:
         offs = torch.tensor(rows_per_slot, device=x.device).cumsum(0).to(torch.int32)
         h = torch._grouped_mm(x, self.w13, offs=offs)
         return torch._grouped_mm(self._swiglu(h).contiguous(), self.w2, offs=offs)
+
+    def padded(self, x: torch.Tensor, rows_per_slot: list[int], lo: int, hi: int, capacity: int) -> torch.Tensor:
+        """Slots lo..hi-1 as one batched GEMM, each padded with zero rows to `capacity`."""
+        rows = torch.tensor(rows_per_slot[lo:hi], device=x.device)
+        slot = torch.repeat_interleave(torch.arange(hi - lo, device=x.device), rows)
+        first = torch.cumsum(rows, 0) - rows  # each slot's first row in x
+        place = slot * capacity + torch.arange(x.shape[0], device=x.device) - first[slot]
+        xb = x.new_zeros((hi - lo) * capacity, x.shape[1]).index_copy_(0, place, x)
+        h = torch.bmm(xb.view(hi - lo, capacity, -1), self.w13[lo:hi])
+        out = torch.bmm(self._swiglu(h), self.w2[lo:hi])
+        return out.view((hi - lo) * capacity, -1).index_select(0, place)
 
 
 class HostedExperts:

@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.experts import HostedExperts
+from peer.experts import HostedExperts, padded_span
 from protos import toy_model
 from protos.records import expert_uid
 from protos.toy_model import ToyConfig
+
+
+@pytest.fixture
+def torch_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("ffn", [48, 30])  # 30: not 16-byte aligned, takes the per-expert loop
@@ -19,9 +27,12 @@ from protos.toy_model import ToyConfig
         [(0, 3, 2), (0, 1, 4)],  # out of order
         [(0, 1, 2), (0, 1, 3)],  # the same expert twice
         [(1, 0, 2), (0, 2, 2), (1, 3, 1)],  # several layers in one request
+        [(0, 0, 4), (0, 1, 3), (0, 2, 4), (0, 3, 4)],  # balanced: one padded batched GEMM on CPU threads
+        [(0, 0, 6), (0, 1, 6), (0, 3, 6)],  # padded, with an expert without rows inside the span
     ],
 )
-def test_forward_equals_reference(ffn, layout):
+@pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)  # 2: padded batched GEMMs where they pay
+def test_forward_equals_reference(ffn, layout, torch_threads):
     cfg = ToyConfig(num_layers=2, num_experts=4, hidden_dim=16, ffn_dim=ffn)
     state = toy_model.build_state_dict(cfg, seed=3)
     hosted = HostedExperts.from_seed(cfg, 3, "*:0-3", torch.device("cpu"))
@@ -34,6 +45,15 @@ def test_forward_equals_reference(ffn, layout):
         want.append(toy_model.swiglu_expert(x[start : start + rows], *ws))
         start += rows
     assert (got - torch.cat(want)).abs().max().item() <= 1e-5
+
+
+def test_padding_is_bounded():
+    assert padded_span([4, 3, 4, 4], threads=2) == (0, 4, 4)
+    assert padded_span([6, 6, 0, 6], threads=2) == (0, 4, 6)  # 24 padded rows for 18 real ones
+    assert padded_span([0, 5, 0, 4, 0], threads=2) is None  # 15 for 9: over the 1.5x bound
+    assert padded_span([4, 3, 4, 4], threads=1) is None  # one thread: nothing runs side by side
+    assert padded_span([0, 7, 0], threads=2) is None  # one expert: nothing to batch
+    assert padded_span([1, 1, 1, 12], threads=2) is None  # 48 padded rows for 15 real ones
 
 
 def test_only_assigned_experts_are_loaded(tmp_path):
