@@ -355,6 +355,10 @@ def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor
         dht.shutdown()
 
 
+async def _thread_cpu_s() -> float:
+    return time.thread_time()
+
+
 def run_layer_bench(args: argparse.Namespace) -> dict:
     # hivemind's ffn expert is H->4H->H (8H^2 MACs); SwiGLU has three H x F matrices: F = 8H/3 matches it
     ffn = args.ffn or max(8, round(8 * args.hidden / 3 / 8) * 8)
@@ -374,7 +378,11 @@ def run_layer_bench(args: argparse.Namespace) -> dict:
             client.wait_for_experts()
             with torch.inference_mode():
                 diff = (remote(x) - local(x)).abs().max().item()
-                ours = summary(time_calls(lambda: remote(x), args.repeats))
+                time_calls(lambda: remote(x), 0)  # warm-up, outside the CPU window
+                reported, io_cpu = len(client.dispatcher.stats.peer_compute_ms), client.io.run(_thread_cpu_s())
+                ours = summary(times := time_calls(lambda: remote(x), args.repeats, warmup=0))
+                io_cpu = client.io.run(_thread_cpu_s()) - io_cpu
+                peer_compute = statistics.median(client.dispatcher.stats.peer_compute_ms[reported:])
                 in_process = summary(time_calls(lambda: local(x), args.repeats))
         result = {
             "tokens": args.tokens,
@@ -386,6 +394,10 @@ def run_layer_bench(args: argparse.Namespace) -> dict:
             "moe_swarm_p99_ms": ours["p99_ms"],
             "in_process_ms": in_process["median_ms"],
             "overhead_vs_in_process": ours["median_ms"] / in_process["median_ms"],
+            # where a call's time goes: the expert math the peer reports, and the CPU the
+            # coordinator's I/O thread spends per call (grouping, sealing, gRPC, checking answers)
+            "peer_compute_ms": peer_compute,
+            "coordinator_io_cpu_ms": io_cpu * 1e3 / len(times),
             "max_abs_diff_vs_local": diff,
         }
         if args.compare_hivemind:
