@@ -19,6 +19,7 @@ from protos import tensors, toy_model
 from protos.toy_model import ToyConfig
 
 from .client import SwarmClient
+from .forking import fork_safe_gc
 from .gating import topk_softmax
 from .local_swarm import LocalSwarm
 from .stats import summary, time_calls
@@ -333,7 +334,8 @@ def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor
             *swarm.initial_peers,
         ],
     )
-    dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    with fork_safe_gc():  # after our own gRPC calls in this process (coordinator/forking.py)
+        dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         moe = RemoteMixtureOfExperts(
             in_features=args.hidden,

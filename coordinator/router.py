@@ -255,7 +255,9 @@ class Dispatcher:
             session = await self.sessions.get(replica.record.endpoint, replica.record.kx, timeout)
             keys, counter = session.keys, next(session.counters)
         sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
-        rpc = self.channels.stub(replica.record.endpoint).Forward(sent.request, timeout=timeout)
+        rpc = asyncio.ensure_future(
+            self.channels.forward(replica.record.endpoint, sent.request, sent.plaintext.nbytes, timeout)
+        )
         try:
             # the receipt's request digest is computed while the peer works: once the call task
             # has sent, a small request here (cheaper than a thread hop), a big one on a thread

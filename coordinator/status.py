@@ -341,15 +341,18 @@ def join_swarm(initial_peers: Sequence[str]) -> DHT | None:
 
     from protos.validation import dht_validators
 
+    from .forking import fork_safe_gc
+
     # client_mode: reads the DHT and stores nobody's records, like the coordinator's SwarmClient
     try:
-        return DHT(
-            initial_peers=list(initial_peers),
-            client_mode=True,
-            start=True,
-            host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-            record_validators=dht_validators(),  # strips and checks the owners' signatures like every node
-        )
+        with fork_safe_gc():  # the DHT node is a forked child (coordinator/forking.py)
+            return DHT(
+                initial_peers=list(initial_peers),
+                client_mode=True,
+                start=True,
+                host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                record_validators=dht_validators(),  # strips and checks the owners' signatures like every node
+            )
     except P2PDaemonError as e:  # no initial peer answered: say so instead of a traceback
         print(f"moe-swarm: error: cannot join the swarm through --initial-peers: {e}", file=sys.stderr)
         return None

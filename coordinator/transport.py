@@ -1,25 +1,123 @@
-"""gRPC channels to peers, one per endpoint, reused across calls; sealed sessions over them."""
+"""gRPC channels to peers, one per endpoint, reused across calls; a Forward stream per peer for
+small requests; sealed sessions over them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
 from protos import DEFAULT_MAX_MESSAGE_BYTES, grpc_options, sealed
+from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.envelope import EnvelopeError, Identity, SessionKeys
 
+# Requests up to this many payload bytes go on the peer's stream; bigger ones as unary calls,
+# each on its own HTTP/2 stream, so a big message never holds back the small ones behind it.
+STREAM_MAX_BYTES = 256 * 1024
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """The error a unary call would have raised: callers handle both transports alike."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def _refusal_error(refusal: pb.Refusal) -> grpc.aio.AioRpcError:
+    code = next((c for c in grpc.StatusCode if c.value[0] == refusal.code), grpc.StatusCode.UNKNOWN)
+    return rpc_error(code, refusal.message)
+
+
+class PeerStream:
+    """One ForwardStream to a peer, shared by every concurrent call to it (loop thread only).
+
+    Requests go out through a queue the stream consumes (a caller cancelled mid-write would
+    cancel the whole gRPC call), answers are matched by request_id, and a caller that gives up
+    (deadline, lost hedge) tells the peer to drop its request. A broken stream fails the calls
+    waiting on it with the error a unary call would have raised; the next call opens a new one.
+    """
+
+    def __init__(self, stub: pb_grpc.ExpertServiceStub) -> None:
+        self._stub = stub
+        self._outbox: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
+        self._pending: dict[str, asyncio.Future] = {}
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._reader: asyncio.Task | None = None
+
+    def _open(self) -> tuple[asyncio.Queue, dict[str, asyncio.Future]]:
+        if self._reader is None or self._reader.done():
+            outbox: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
+
+            async def requests() -> AsyncIterator[pb.ForwardRequest]:
+                while (request := await outbox.get()) is not None:
+                    yield request
+
+            self._outbox, self._pending = outbox, {}
+            self._call = self._stub.ForwardStream(requests())
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._call, self._pending))
+        return self._outbox, self._pending
+
+    @staticmethod
+    async def _read(call: grpc.aio.StreamStreamCall, pending: dict[str, asyncio.Future]) -> None:
+        error = rpc_error(grpc.StatusCode.UNAVAILABLE, "the peer ended the stream")
+        try:
+            async for reply in call:
+                future = pending.pop(reply.request_id, None)
+                if future is None or future.done():
+                    continue  # given up on meanwhile
+                if reply.HasField("refusal"):
+                    future.set_exception(_refusal_error(reply.refusal))
+                else:
+                    future.set_result(reply)
+        except grpc.aio.AioRpcError as e:
+            error = e
+        except asyncio.CancelledError:
+            error = rpc_error(grpc.StatusCode.CANCELLED, "stream closed")
+            raise
+        finally:
+            for future in pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            pending.clear()
+
+    async def forward(self, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
+        outbox, pending = self._open()
+        future = asyncio.get_running_loop().create_future()
+        pending[request.request_id] = future
+        outbox.put_nowait(request)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (stream)") from None
+        finally:
+            if pending.pop(request.request_id, None) is not None:  # unanswered: timed out or cancelled
+                outbox.put_nowait(pb.ForwardRequest(request_id=request.request_id, cancel=True))
+
+    async def close(self) -> None:
+        """End the stream and wait for its reader: nothing of it may outlive the client (a gRPC
+        call collected later, e.g. in a process forked meanwhile, can deadlock there)."""
+        self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._call is not None:
+            self._call.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call.code(), 1.0)  # the call has ended in gRPC too
+        self._call = self._reader = None
+
 
 class Channels:
-    """Cache of grpc.aio channels; create and use only on the coordinator's loop thread."""
+    """Cache of grpc.aio channels and Forward streams; create and use only on the coordinator's loop thread."""
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.ExpertServiceStub]] = {}
+        self._streams: dict[str, PeerStream] = {}
 
     def stub(self, endpoint: str) -> pb_grpc.ExpertServiceStub:
         entry = self._stubs.get(endpoint)
@@ -28,7 +126,21 @@ class Channels:
             entry = self._stubs[endpoint] = (channel, pb_grpc.ExpertServiceStub(channel))
         return entry[1]
 
+    async def forward(
+        self, endpoint: str, request: pb.ForwardRequest, nbytes: int, timeout: float
+    ) -> pb.ForwardResponse:
+        """One Forward: small ones on the peer's stream (no per-call setup), big ones unary."""
+        if nbytes > STREAM_MAX_BYTES:
+            return await self.stub(endpoint).Forward(request, timeout=timeout)
+        stream = self._streams.get(endpoint)
+        if stream is None:
+            stream = self._streams[endpoint] = PeerStream(self.stub(endpoint))
+        return await stream.forward(request, timeout)
+
     async def close(self) -> None:
+        for stream in self._streams.values():
+            await stream.close()
+        self._streams.clear()
         for channel, _ in self._stubs.values():
             await channel.close()
         self._stubs.clear()

@@ -3,7 +3,14 @@
 Imports neither `peer` nor `coordinator`.
 """
 
+import os as _os
 from importlib import metadata as _metadata
+
+# gRPC's fork support re-initialises its core in forked children. Our forked children (the
+# hivemind DHT node a coordinator starts) never use gRPC, and with calls or streams alive in
+# the parent those handlers crashed the child (segfault right after fork). Read once, when
+# grpc is first imported: every package of ours imports this one before grpc.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 PROTOCOL = "moe_swarm.v1"
 
