@@ -152,3 +152,50 @@ def _late_request_scenario() -> tuple[int | None, int]:
 
 def test_a_streamed_request_past_its_budget_is_refused_not_computed():
     assert _in_a_fresh_process(_late_request_scenario) == (grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 0)
+
+
+def _coordinator_stream_scenario() -> dict[str, object]:
+    from coordinator.transport import Channels
+
+    async def scenario() -> dict[str, object]:
+        # answers wait 300 ms after compute: long enough for a caller to give up first
+        server, endpoint, servicer = await _in_process_peer(impairment=Impairment(latency_ms=300))
+        uid = servicer.experts.uids[0]
+        channels = Channels()
+        seen: dict[str, object] = {}
+
+        async def code_of(request: pb.ForwardRequest, timeout: float = 10) -> object:
+            try:
+                reply = await channels.forward(endpoint, request, request.inputs.ByteSize(), timeout)
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+            return tensors.decode(reply.outputs)
+
+        try:
+            unary = await channels.stub(endpoint).Forward(_plain("unary", uid, rows=3), timeout=10)
+            streamed = await code_of(_plain("streamed", uid, rows=3))
+            seen["equal_to_unary"] = torch.equal(streamed, tensors.decode(unary.outputs))
+            seen["unknown"] = await code_of(_plain("unknown", uid.rsplit("/", 1)[0] + "/9"))
+            seen["gave_up"] = await code_of(_plain("gave-up", uid), timeout=0.1)
+            await asyncio.sleep(0.5)  # the cancel reached the peer before its answer was due
+            seen["served"] = servicer.served_requests
+            pending = asyncio.ensure_future(code_of(_plain("in-flight", uid)))
+            await asyncio.sleep(0.1)
+            await server.stop(None)  # the stream breaks under a waiting call
+            seen["broken"] = await pending
+        finally:
+            await channels.close()
+            await server.stop(None)
+            servicer.close()
+        return seen
+
+    return asyncio.run(scenario())
+
+
+def test_coordinator_stream_answers_like_unary_and_fails_like_it():
+    seen = _in_a_fresh_process(_coordinator_stream_scenario)
+    assert seen["equal_to_unary"]
+    assert seen["unknown"] == grpc.StatusCode.NOT_FOUND  # a refusal, raised as the unary error
+    assert seen["gave_up"] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert seen["served"] == 2  # the unary and streamed calls; the abandoned one was cancelled
+    assert seen["broken"] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
