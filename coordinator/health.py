@@ -27,11 +27,18 @@ class PeerHealth:
     failures: int = 0  # consecutive
     banned_until: float = 0.0
     inflight_rows: int = 0  # sent by us and not answered yet
+    _p95_ms: float | None = None  # of recent_ms, computed when first asked after a change
 
     def observe(self, ms: float) -> None:
         self._ewma(ms)
         self.recent_ms.append(ms)
+        self._p95_ms = None
         self.failures = 0
+
+    def p95_ms(self) -> float:
+        if self._p95_ms is None:
+            self._p95_ms = percentile(list(self.recent_ms), 95)
+        return self._p95_ms
 
     def outpaced(self, waited_ms: float) -> None:
         """A hedge elsewhere answered first after `waited_ms`: the peer is at least this slow
@@ -76,4 +83,4 @@ class HealthCache:
         health = self.peers.get(peer_id)
         if health is None or len(health.recent_ms) < 8:
             return default_ms
-        return max(percentile(list(health.recent_ms), 95), minimum_ms)
+        return max(health.p95_ms(), minimum_ms)

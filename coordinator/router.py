@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
 from protos import envelope, sealed, tensors
@@ -95,7 +96,7 @@ class PeerCall:
     replica: Replica
     experts: list[int] = field(default_factory=list)
     segments: list[tuple[str, int]] = field(default_factory=list)
-    positions: list[torch.Tensor] = field(default_factory=list)  # indices into the slot-major (slot, token) list
+    positions: list[np.ndarray] = field(default_factory=list)  # indices into the slot-major (slot, token) list
 
     @property
     def rows(self) -> int:
@@ -139,11 +140,19 @@ class DispatchStats:
     endpoints: dict[str, str] = field(default_factory=dict)  # peer id -> endpoint it was reached at
 
 
-def group_by_expert(flat_experts: torch.Tensor) -> dict[int, torch.Tensor]:
-    """expert -> its positions in `flat_experts`, ascending (stable)."""
-    order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts).tolist()
-    return {expert: part for expert, part in enumerate(order.split(counts)) if counts[expert]}
+def group_by_expert(flat_experts: np.ndarray) -> dict[int, np.ndarray]:
+    """expert -> its positions in `flat_experts`, ascending (stable).
+
+    Index bookkeeping is numpy: its small ops cost a fraction of torch's, and on a coordinator
+    whose caches the peers' compute keeps flushing, every op on the path to the wire counts."""
+    order = np.argsort(flat_experts, kind="stable")
+    ends = np.cumsum(np.bincount(flat_experts)).tolist()
+    groups, start = {}, 0
+    for expert, end in enumerate(ends):
+        if end > start:
+            groups[expert] = order[start:end]
+        start = end
+    return groups
 
 
 class Dispatcher:
@@ -195,14 +204,16 @@ class Dispatcher:
         ]
         if not replicas:
             return None
+        if len(replicas) == 1:
+            return replicas[0]
         in_call = [r for r in replicas if r.peer_id in already]
         if in_call:  # fewer RPCs: one per peer per layer
-            return min(in_call, key=self._cost_ms)
+            return in_call[0] if len(in_call) == 1 else min(in_call, key=self._cost_ms)
         # two random choices: close to the best, without every coordinator herding onto it
-        return min(self._rng.sample(replicas, min(2, len(replicas))), key=self._cost_ms)
+        return min(self._rng.sample(replicas, 2), key=self._cost_ms)
 
     def plan(
-        self, work: dict[int, torch.Tensor], uids: list[str], exclude: dict[int, set[str]] | None = None
+        self, work: dict[int, np.ndarray], uids: list[str], exclude: dict[int, set[str]] | None = None
     ) -> tuple[list[PeerCall], list[int]]:
         """Assign each expert's positions to a replica; returns the calls and the experts without one."""
         exclude = exclude or {}
@@ -221,8 +232,8 @@ class Dispatcher:
 
     # ---- one RPC ------------------------------------------------------------------------
     async def _call(self, call: PeerCall, x: torch.Tensor, dtype: torch.dtype, deadline: float) -> Answer:
-        positions = torch.cat(call.positions)
-        rows = x.index_select(0, positions % x.shape[0]).to(dtype)
+        positions = call.positions[0] if len(call.positions) == 1 else np.concatenate(call.positions)
+        rows = x.index_select(0, torch.from_numpy(positions % x.shape[0])).to(dtype)
         replica = call.replica
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
@@ -255,30 +266,32 @@ class Dispatcher:
             session = await self.sessions.get(replica.record.endpoint, replica.record.kx, timeout)
             keys, counter = session.keys, next(session.counters)
         sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
+        loop = asyncio.get_running_loop()
+        written = loop.create_future()
         rpc = asyncio.ensure_future(
-            self.channels.forward(replica.record.endpoint, sent.request, sent.plaintext.nbytes, timeout)
+            self.channels.forward(replica.record.endpoint, sent.request, sent.plaintext.nbytes, timeout, written)
         )
+        rpc.add_done_callback(lambda _: written.done() or written.set_result(None))  # failed before writing
         try:
-            # the receipt's request digest is computed while the peer works: once the call task
-            # has sent, a small request here (cheaper than a thread hop), a big one on a thread
-            # (BLAKE3 releases the GIL on large inputs)
-            await asyncio.sleep(0)
+            await written
+            # what checking the answer needs from the request is computed while the request
+            # travels and the peer works: a small request's digest here, a big one's on a
+            # thread (BLAKE3 releases the GIL on large inputs)
+            sent.response_header  # noqa: B018 (computed and cached)
             if sent.plaintext.nbytes < envelope.DIGEST_OFFLOAD_BYTES:
-                digest = envelope.digest(sent.header, sent.plaintext)
+                sent.digest  # noqa: B018
                 response = await rpc
             else:
-                request_digest = asyncio.get_running_loop().run_in_executor(
-                    None, envelope.digest, sent.header, sent.plaintext
-                )
+                digest = loop.run_in_executor(None, envelope.digest, sent.header, sent.plaintext)
                 try:
                     response = await rpc
                 finally:
-                    digest = await request_digest
+                    sent.digest = await digest
         except asyncio.CancelledError:
             rpc.cancel()  # a hedge lost or the deadline passed, maybe before the call was awaited
             raise
         ms = (time.perf_counter() - started) * 1e3
-        out, statement = sealed.open_response(sent, response, replica.record.identity, digest)
+        out, statement = sealed.open_response(sent, response, replica.record.identity)
         self.stats.peer_compute_ms.append(response.compute_ms)
         return Answer(out, ms, Receipt(replica.peer_id, replica.record.identity, statement, response.receipt))
 
@@ -300,7 +313,7 @@ class Dispatcher:
         """
         started = time.perf_counter()
         num_tokens, k = experts.shape
-        flat = experts.T.reshape(-1).clone()
+        flat = experts.T.reshape(-1).numpy().copy()  # slot-major; a copy the reroute may edit
         work = group_by_expert(flat)
         answers, tried, receipts = await self._solve(work, x, uids, dtype)
         if self.spot_check > 0:
@@ -312,28 +325,35 @@ class Dispatcher:
         rerouted = 0
         if missing and self.fallback == "reroute" and scores is not None:
             rerouted = await self._reroute(missing, work, answers, flat, experts, x, uids, dtype, scores(), tried)
-        result = torch.zeros(k * num_tokens, x.shape[-1], dtype=dtype)
-        answered = torch.zeros(k * num_tokens, dtype=torch.bool)
         done = [e for e in work if e in answers]
+        answered = np.zeros(k * num_tokens, dtype=bool)
         if done:  # one scatter for all experts (their positions are disjoint)
-            positions = torch.cat([work[e] for e in done])
-            result.index_copy_(0, positions, torch.cat([answers[e] for e in done]).to(dtype))
+            positions = np.concatenate([work[e] for e in done])
             answered[positions] = True
-        dropped = int((~answered).sum())
+            outputs = answers[done[0]] if len(done) == 1 else torch.cat([answers[e] for e in done])
+            # every row written when all answered: no zero fill
+            result = torch.empty if len(positions) == len(answered) else torch.zeros
+            result = result(k * num_tokens, x.shape[-1], dtype=dtype)
+            result.index_copy_(0, torch.from_numpy(positions), outputs.to(dtype))
+        else:
+            result = torch.zeros(k * num_tokens, x.shape[-1], dtype=dtype)
+        dropped = len(answered) - int(answered.sum())
         self.stats.layer_calls += 1
-        self.stats.routed += flat.numel()
-        self.stats.exact += flat.numel() - dropped - rerouted
+        self.stats.routed += flat.size
+        self.stats.exact += flat.size - dropped - rerouted
         self.stats.rerouted += rerouted
         self.stats.dropped += dropped
         layer = parse_expert_uid(uids[0])[1]
         self.stats.layer_ms.setdefault(layer, []).append((time.perf_counter() - started) * 1e3)
         return DispatchResult(
-            result.view(k, num_tokens, -1).transpose(0, 1), answered.view(k, num_tokens).T, flat.view(k, num_tokens).T
+            result.view(k, num_tokens, -1).transpose(0, 1),
+            torch.from_numpy(answered).view(k, num_tokens).T,
+            torch.from_numpy(flat).view(k, num_tokens).T,
         )
 
     async def _spot_check(
         self,
-        work: dict[int, torch.Tensor],
+        work: dict[int, np.ndarray],
         answers: dict[int, torch.Tensor],
         receipts: dict[int, Receipt],
         x: torch.Tensor,
@@ -403,7 +423,7 @@ class Dispatcher:
                     break
         if not moves:
             return 0
-        extra = {e: torch.tensor(p) for e, p in moves.items()}
+        extra = {e: np.array(p, dtype=np.int64) for e, p in moves.items()}
         got, _, _ = await self._solve(extra, x, uids, dtype)
         done = 0
         base = max(work, default=-1) + 1
@@ -416,7 +436,7 @@ class Dispatcher:
 
     async def _solve(
         self,
-        work: dict[int, torch.Tensor],
+        work: dict[int, np.ndarray],
         x: torch.Tensor,
         uids: list[str],
         dtype: torch.dtype,

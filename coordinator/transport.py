@@ -32,6 +32,19 @@ def _refusal_error(refusal: pb.Refusal) -> grpc.aio.AioRpcError:
     return rpc_error(code, refusal.message)
 
 
+Outgoing = tuple[pb.ForwardRequest, "asyncio.Future | None"]  # a request, and what to resolve once it is written
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (stream)"))
+
+
 class PeerStream:
     """One ForwardStream to a peer, shared by every concurrent call to it (loop thread only).
 
@@ -43,18 +56,22 @@ class PeerStream:
 
     def __init__(self, stub: pb_grpc.ExpertServiceStub) -> None:
         self._stub = stub
-        self._outbox: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future] = {}
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
 
     def _open(self) -> tuple[asyncio.Queue, dict[str, asyncio.Future]]:
         if self._reader is None or self._reader.done():
-            outbox: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
+            outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue()
 
             async def requests() -> AsyncIterator[pb.ForwardRequest]:
-                while (request := await outbox.get()) is not None:
+                while (item := await outbox.get()) is not None:
+                    request, sent = item
                     yield request
+                    # gRPC asks for the next request once this one is written
+                    if sent is not None:
+                        _resolve(sent)
 
             self._outbox, self._pending = outbox, {}
             self._call = self._stub.ForwardStream(requests())
@@ -84,18 +101,23 @@ class PeerStream:
                     future.set_exception(error)
             pending.clear()
 
-    async def forward(self, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
+    async def forward(
+        self, request: pb.ForwardRequest, timeout: float, sent: asyncio.Future | None = None
+    ) -> pb.ForwardResponse:
+        """The answer to `request`; `sent` (if given) resolves once the request is written."""
         outbox, pending = self._open()
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         pending[request.request_id] = future
-        outbox.put_nowait(request)
+        outbox.put_nowait((request, sent))
+        # a timer instead of asyncio.wait_for: no wrapper future or extra callbacks per call
+        timer = loop.call_later(timeout, _expire, future)
         try:
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (stream)") from None
+            return await future
         finally:
+            timer.cancel()
             if pending.pop(request.request_id, None) is not None:  # unanswered: timed out or cancelled
-                outbox.put_nowait(pb.ForwardRequest(request_id=request.request_id, cancel=True))
+                outbox.put_nowait((pb.ForwardRequest(request_id=request.request_id, cancel=True), None))
 
     async def close(self) -> None:
         """End the stream and wait for its reader: nothing of it may outlive the client (a gRPC
@@ -127,15 +149,20 @@ class Channels:
         return entry[1]
 
     async def forward(
-        self, endpoint: str, request: pb.ForwardRequest, nbytes: int, timeout: float
+        self, endpoint: str, request: pb.ForwardRequest, nbytes: int, timeout: float, sent: asyncio.Future | None = None
     ) -> pb.ForwardResponse:
-        """One Forward: small ones on the peer's stream (no per-call setup), big ones unary."""
+        """One Forward: small ones on the peer's stream (no per-call setup), big ones unary.
+        `sent` (if given) resolves once the request is on its way: work the caller does then
+        overlaps the network and the peer."""
         if nbytes > STREAM_MAX_BYTES:
-            return await self.stub(endpoint).Forward(request, timeout=timeout)
+            call = self.stub(endpoint).Forward(request, timeout=timeout)
+            if sent is not None:  # the call's task, scheduled at its creation, sends first
+                asyncio.get_running_loop().call_soon(_resolve, sent)
+            return await call
         stream = self._streams.get(endpoint)
         if stream is None:
             stream = self._streams[endpoint] = PeerStream(self.stub(endpoint))
-        return await stream.forward(request, timeout)
+        return await stream.forward(request, timeout, sent)
 
     async def close(self) -> None:
         for stream in self._streams.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,10 +105,10 @@ class LayerExperts:
 
     def padded(self, x: torch.Tensor, rows_per_slot: list[int], lo: int, hi: int, capacity: int) -> torch.Tensor:
         """Slots lo..hi-1 as one batched GEMM, each padded with zero rows to `capacity`."""
-        rows = torch.tensor(rows_per_slot[lo:hi], device=x.device)
-        slot = torch.repeat_interleave(torch.arange(hi - lo, device=x.device), rows)
-        first = torch.cumsum(rows, 0) - rows  # each slot's first row in x
-        place = slot * capacity + torch.arange(x.shape[0], device=x.device) - first[slot]
+        # row i of slot s goes to s * capacity + i (index math in numpy: fewer, cheaper ops)
+        rows = np.array(rows_per_slot[lo:hi])
+        shift = np.arange(hi - lo) * capacity - (np.cumsum(rows) - rows)
+        place = torch.from_numpy(np.arange(x.shape[0]) + np.repeat(shift, rows))
         xb = x.new_zeros((hi - lo) * capacity, x.shape[1]).index_copy_(0, place, x)
         h = torch.bmm(xb.view(hi - lo, capacity, -1), self.w13[lo:hi])
         out = torch.bmm(self._swiglu(h), self.w2[lo:hi])
@@ -190,7 +191,8 @@ class HostedExperts:
         A run of segments of one layer in increasing slot order (what coordinators send)
         is one grouped GEMM; anything else falls back to one expert at a time.
         """
-        x = x.to(self.device, non_blocking=True)
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
         parts, start, i = [], 0, 0
         while i < len(segments):
             layer = self.slots[segments[i][0]][0]

@@ -171,8 +171,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     def open_inputs(
         self, request: pb.ForwardRequest, segments: list[tuple[str, int]], data: bytes, client: str
-    ) -> tuple[torch.Tensor, bytes, Session | None]:
-        """The plaintext inputs, the request header they were bound to, and the session."""
+    ) -> tuple[torch.Tensor, bytes, bytes, Session | None]:
+        """The plaintext inputs (as a tensor and as bytes), the request header they were bound
+        to, and the session."""
         inp = request.inputs
         header = envelope.request_header(
             request.session_id,
@@ -207,7 +208,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         if self.rate_limiter is not None and not self.rate_limiter.allow(client, rows):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit for this client exceeded")
         dtype = tensors.dtype_from_name(inp.dtype)
-        return tensors.from_bytes(plaintext, dtype, tuple(inp.shape)), header, session
+        return tensors.from_bytes(plaintext, dtype, tuple(inp.shape)), plaintext, header, session
 
     def answer(
         self,
@@ -263,14 +264,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"overloaded: {self.load} rows queued, {rows} more exceed {self.max_queue_rows}",
                 )
-            x, header, session = self.open_inputs(request, segments, data, client)
+            x, plain, header, session = self.open_inputs(request, segments, data, client)
             del data  # the sealed bytes: only the plaintext is needed from here
             admitted = rows
             self.load += admitted
             # the receipt's request digest: a big one is hashed while the device computes (BLAKE3
             # releases the GIL on large inputs), a small one at once (cheaper than a thread hop)
-            plain = tensors.payload(x)[2]
-            if plain.nbytes >= envelope.DIGEST_OFFLOAD_BYTES:
+            if len(plain) >= envelope.DIGEST_OFFLOAD_BYTES:
                 request_digest = asyncio.get_running_loop().run_in_executor(
                     self._hasher, envelope.digest, header, plain
                 )

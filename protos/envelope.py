@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,11 +58,18 @@ def fingerprint(identity_public: bytes) -> str:
     return hashlib.sha256(identity_public).hexdigest()[:20]
 
 
+@functools.lru_cache(maxsize=4096)
+def _verifier(identity_public: bytes) -> Ed25519PublicKey:
+    # decoding a public key (a point decompression) costs about as much as a verification;
+    # a coordinator checks every answer against the few identities it talks to
+    return Ed25519PublicKey.from_public_bytes(identity_public)
+
+
 def verify(identity_public: bytes, signature: bytes, data: bytes) -> bool:
     if len(identity_public) != PUBLIC_KEY_LEN or len(signature) != SIGNATURE_LEN:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(identity_public).verify(signature, data)
+        _verifier(bytes(identity_public)).verify(signature, data)
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -3,7 +3,9 @@ their answers, with the peer's receipt verified. One implementation for every ca
 
 from __future__ import annotations
 
-import uuid
+import functools
+import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,12 @@ def hello(identity: Identity, peer_kx: bytes) -> tuple[pb.SessionHello, SessionK
     return msg, keys
 
 
+# Request ids: unique within this process by the counter, across processes by the random prefix
+# (cheaper than a uuid4 per call; ids only match answers and cancels to requests on a stream).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+
+
 @dataclass
 class Sent:
     """A built request and what is needed to check its answer."""
@@ -34,6 +42,19 @@ class Sent:
     header: bytes
     plaintext: memoryview
     keys: SessionKeys | None
+    uids: list[str]
+
+    # computed on first use; a caller may compute them while the request is on its way
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """The request's digest, which the peer's receipt signs."""
+        return envelope.digest(self.header, self.plaintext)
+
+    @functools.cached_property
+    def response_header(self) -> bytes:
+        """The associated data the answer is sealed under (its dtype and shape are the request's)."""
+        inputs = self.request.inputs
+        return envelope.response_header(self.header, inputs.dtype, inputs.shape)
 
 
 def build_request(
@@ -45,7 +66,7 @@ def build_request(
 ) -> Sent:
     """The Forward request for `rows` (segments' rows concatenated), sealed under `keys` if given."""
     name, shape, data = tensors.payload(rows)
-    request_id = uuid.uuid4().hex
+    request_id = f"{_ID_PREFIX}-{next(_ID_COUNTER)}"
     now_ms = envelope.wall_ms()
     session_id = keys.session_id if keys else b""
     deadline_ms = now_ms + int(timeout_s * 1000)
@@ -63,31 +84,26 @@ def build_request(
     request.inputs.dtype = name
     request.inputs.shape.extend(shape)
     request.inputs.data = payload
-    return Sent(request, header, data, keys)
+    return Sent(request, header, data, keys, [u for u, _ in segments])
 
 
-def open_response(
-    sent: Sent, response: pb.ForwardResponse, peer_identity: bytes, request_digest: bytes | None = None
-) -> tuple[torch.Tensor, bytes]:
-    """(outputs, the receipt statement the peer signed); EnvelopeError if anything does not check out.
-    `request_digest` (= envelope.digest(sent.header, sent.plaintext)) may be computed while the
-    call is in flight: BLAKE3 releases the GIL on large inputs."""
+def open_response(sent: Sent, response: pb.ForwardResponse, peer_identity: bytes) -> tuple[torch.Tensor, bytes]:
+    """(outputs, the receipt statement the peer signed); EnvelopeError if anything does not check out."""
     inp, out = sent.request.inputs, response.outputs
     if out.dtype != inp.dtype or list(out.shape) != list(inp.shape):
         raise EnvelopeError(f"returned {out.dtype} {list(out.shape)}, expected {inp.dtype} {list(inp.shape)}")
-    out_header = envelope.response_header(sent.header, out.dtype, out.shape)
+    out_header = sent.response_header
     if sent.keys is not None:
         plain = envelope.open_sealed(sent.keys.to_client, sent.request.counter, out.data, out_header)
     else:
         plain = out.data
     if len(plain) != len(sent.plaintext):
         raise EnvelopeError(f"returned {len(plain)} bytes, expected {len(sent.plaintext)}")
-    uids = [s.expert_uid for s in sent.request.segments]
     statement = envelope.receipt_statement(
-        request_digest or envelope.digest(sent.header, sent.plaintext),
+        sent.digest,
         envelope.digest(out_header, plain),
-        uids,
-        parse_expert_uid(uids[0])[0],
+        sent.uids,
+        parse_expert_uid(sent.uids[0])[0],
     )
     if not envelope.verify(peer_identity, response.receipt, statement):
         raise EnvelopeError("receipt signature does not verify against the identity the peer announced")

@@ -45,13 +45,17 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def payload(tensor: torch.Tensor) -> tuple[str, list[int], memoryview]:
-    """(dtype name, shape, a zero-copy view of the raw bytes) of a CPU tensor."""
+    """(dtype name, shape, a zero-copy view of the raw bytes) of a tensor (copied off a device
+    or out of a strided view first). Few ops: this runs twice per request on a peer."""
     name = dtype_name(tensor.dtype)
-    t = tensor.detach().to("cpu").contiguous()
-    # view as bytes (1-D first: 0-dim tensors cannot change element size); works for bfloat16,
-    # which numpy cannot represent
-    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-    return name, list(t.shape), data
+    t = tensor if tensor.device.type == "cpu" and tensor.is_contiguous() else tensor.detach().cpu().contiguous()
+    if not t.numel():
+        return name, list(t.shape), memoryview(b"")
+    if t.requires_grad:
+        t = t.detach()
+    # numpy has no bfloat16: its bits go out as int16, same bytes
+    array = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+    return name, list(t.shape), memoryview(array.reshape(-1)).cast("B")
 
 
 def encode(tensor: torch.Tensor) -> pb.Tensor:
@@ -67,8 +71,7 @@ def check_header(msg: pb.Tensor, *, max_bytes: int | None = None) -> tuple[torch
         raise TensorCodecError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} are allowed")
     if any(d < 0 for d in shape):
         raise TensorCodecError(f"tensor shape {list(shape)} has a negative dimension")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if max_bytes is not None and expected > max_bytes:
         raise TensorCodecError(f"tensor of shape {list(shape)} needs {expected} bytes; the limit is {max_bytes}")
     return dtype, shape, expected

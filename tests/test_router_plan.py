@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from coordinator.health import HealthCache
@@ -38,7 +39,7 @@ UIDS = [f"m/0/{e}" for e in range(4)]
 
 
 def plan(view, flat, exclude=None, health=None):
-    return Dispatcher(view, channels=None, health=health).plan(group_by_expert(flat), UIDS, exclude)
+    return Dispatcher(view, channels=None, health=health).plan(group_by_expert(np.asarray(flat)), UIDS, exclude)
 
 
 def test_one_call_per_peer_covering_every_position_once():
@@ -51,7 +52,7 @@ def test_one_call_per_peer_covering_every_position_once():
     assert sorted(by_peer) == ["A", "B"]
     assert by_peer["A"].segments == [("m/0/0", 3), ("m/0/2", 2)]
     assert by_peer["B"].segments == [("m/0/1", 2), ("m/0/3", 1)]
-    positions = torch.cat([torch.cat(c.positions) for c in calls])
+    positions = np.concatenate([np.concatenate(c.positions) for c in calls])
     assert sorted(positions.tolist()) == list(range(8))
     for call in calls:
         for (uid, rows), pos in zip(call.segments, call.positions, strict=True):
