@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from protos import envelope, sealed, tensors
+from protos import expert_service_pb2 as pb
 from protos.envelope import EnvelopeError
 from protos.records import parse_expert_uid
 
@@ -80,7 +81,17 @@ class Receipt:
 class Answer:
     out: torch.Tensor
     ms: float
-    receipt: Receipt
+    receipt: Receipt | None  # None: checked after the layer call returns (see Dispatcher._exchange)
+
+
+@dataclass
+class Unchecked:
+    """A sealed answer already used, whose receipt is checked once the layer call has returned."""
+
+    replica: Replica
+    sent: sealed.Sent
+    response: pb.ForwardResponse
+    plain: bytes
 
 
 class RemoteExpertError(DispatchError):
@@ -128,6 +139,7 @@ class DispatchStats:
     hedges: int = 0  # duplicate calls sent because the first was slower than its peer's p95
     bans: int = 0
     refusals: int = 0  # RESOURCE_EXHAUSTED answers (peer overloaded): retried elsewhere, no ban
+    bad_receipts: int = 0  # answers whose receipt did not verify (the peer is banned)
     spot_checks: int = 0  # experts recomputed on a second replica to verify the first
     spot_unresolved: int = 0  # disagreements no third replica could settle
     cheaters_banned: int = 0
@@ -189,6 +201,7 @@ class Dispatcher:
         self.spot_tolerance = spot_tolerance
         self._rng = random.Random(seed)
         self.stats = DispatchStats()
+        self._unchecked: list[Unchecked] = []
 
     # ---- choosing replicas -------------------------------------------------------------
     def _cost_ms(self, replica: Replica) -> float:
@@ -291,9 +304,42 @@ class Dispatcher:
             rpc.cancel()  # a hedge lost or the deadline passed, maybe before the call was awaited
             raise
         ms = (time.perf_counter() - started) * 1e3
-        out, statement = sealed.open_response(sent, response, replica.record.identity)
+        out, plain = sealed.open_payload(sent, response)
         self.stats.peer_compute_ms.append(response.compute_ms)
-        return Answer(out, ms, Receipt(replica.peer_id, replica.record.identity, statement, response.receipt))
+        if self.sessions is not None and self.spot_check == 0:
+            # the session already proved who answered (only that peer holds its keys); the
+            # receipt is evidence for later disputes, and its check (an output digest and a
+            # signature verification) is kept off the layer call's critical path
+            self._unchecked.append(Unchecked(replica, sent, response, plain))
+            return Answer(out, ms, None)
+        # plaintext (the signature is the only proof of origin) or spot checks (receipts may
+        # become evidence): checked before the answer is used; a bad one fails the call
+        return Answer(out, ms, self._receipt(replica, sent, response, plain))
+
+    @staticmethod
+    def _receipt(replica: Replica, sent: sealed.Sent, response: pb.ForwardResponse, plain: bytes) -> Receipt:
+        statement = sealed.check_receipt(sent, response, plain, replica.record.identity)
+        return Receipt(replica.peer_id, replica.record.identity, statement, response.receipt)
+
+    def _check_later(self) -> None:
+        """Check the receipts of answers used so far once the running layer call has returned:
+        this hop queues the check behind the call's completion callbacks, which hand its
+        result to the caller's thread."""
+        if self._unchecked:
+            unchecked, self._unchecked = self._unchecked, []
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._check_receipts, unchecked)
+
+    def _check_receipts(self, unchecked: list[Unchecked]) -> None:
+        for item in unchecked:
+            try:
+                self._receipt(item.replica, item.sent, item.response, item.plain)
+            except EnvelopeError as e:
+                peer = item.replica.peer_id
+                self.health.fail(peer)
+                self.stats.bans += 1
+                self.stats.bad_receipts += 1
+                log.warning("peer %s answered with a receipt that does not verify (%s); banned", peer, e)
 
     # ---- a layer call -------------------------------------------------------------------
     async def dispatch(
@@ -311,6 +357,14 @@ class Dispatcher:
         `scores()` gives router scores [T, E] (higher is better) for the `reroute` fallback;
         it is only called when some expert could not be reached.
         """
+        try:
+            return await self._dispatch(x, experts, uids, dtype, scores)
+        finally:
+            self._check_later()
+
+    async def _dispatch(
+        self, x: torch.Tensor, experts: torch.Tensor, uids: list[str], dtype: torch.dtype, scores: ScoresFn
+    ) -> DispatchResult:
         started = time.perf_counter()
         num_tokens, k = experts.shape
         flat = experts.T.reshape(-1).numpy().copy()  # slot-major; a copy the reroute may edit
@@ -441,13 +495,13 @@ class Dispatcher:
         uids: list[str],
         dtype: torch.dtype,
         exclude: dict[int, set[str]] | None = None,
-    ) -> tuple[dict[int, torch.Tensor], dict[int, set[str]], dict[int, Receipt]]:
+    ) -> tuple[dict[int, torch.Tensor], dict[int, set[str]], dict[int, Receipt | None]]:
         """Get every expert of `work` answered once (never by a peer in `exclude`): retries,
         hedges, one deadline. Returns the answers, the peers tried, and who answered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         answers: dict[int, torch.Tensor] = {}
-        receipts: dict[int, Receipt] = {}
+        receipts: dict[int, Receipt | None] = {}
         tried: dict[int, set[str]] = defaultdict(set, {e: set(p) for e, p in (exclude or {}).items()})
         inflight: dict[asyncio.Task, PeerCall] = {}
         sent_at: dict[asyncio.Task, float] = {}

@@ -87,24 +87,36 @@ def build_request(
     return Sent(request, header, data, keys, [u for u, _ in segments])
 
 
-def open_response(sent: Sent, response: pb.ForwardResponse, peer_identity: bytes) -> tuple[torch.Tensor, bytes]:
-    """(outputs, the receipt statement the peer signed); EnvelopeError if anything does not check out."""
+def open_payload(sent: Sent, response: pb.ForwardResponse) -> tuple[torch.Tensor, bytes]:
+    """(outputs, their plaintext bytes) of an answer, opened and size-checked; EnvelopeError if
+    it does not authenticate. Its receipt is checked apart (`check_receipt`)."""
     inp, out = sent.request.inputs, response.outputs
     if out.dtype != inp.dtype or list(out.shape) != list(inp.shape):
         raise EnvelopeError(f"returned {out.dtype} {list(out.shape)}, expected {inp.dtype} {list(inp.shape)}")
-    out_header = sent.response_header
     if sent.keys is not None:
-        plain = envelope.open_sealed(sent.keys.to_client, sent.request.counter, out.data, out_header)
+        plain = envelope.open_sealed(sent.keys.to_client, sent.request.counter, out.data, sent.response_header)
     else:
         plain = out.data
     if len(plain) != len(sent.plaintext):
         raise EnvelopeError(f"returned {len(plain)} bytes, expected {len(sent.plaintext)}")
+    return tensors.from_bytes(plain, tensors.dtype_from_name(out.dtype), tuple(out.shape)), plain
+
+
+def check_receipt(sent: Sent, response: pb.ForwardResponse, plain: bytes, peer_identity: bytes) -> bytes:
+    """The statement the peer signed about this request and its answer (`plain`, the opened
+    outputs); EnvelopeError if the signature does not verify against `peer_identity`."""
     statement = envelope.receipt_statement(
         sent.digest,
-        envelope.digest(out_header, plain),
+        envelope.digest(sent.response_header, plain),
         sent.uids,
         parse_expert_uid(sent.uids[0])[0],
     )
     if not envelope.verify(peer_identity, response.receipt, statement):
         raise EnvelopeError("receipt signature does not verify against the identity the peer announced")
-    return tensors.from_bytes(plain, tensors.dtype_from_name(out.dtype), tuple(out.shape)), statement
+    return statement
+
+
+def open_response(sent: Sent, response: pb.ForwardResponse, peer_identity: bytes) -> tuple[torch.Tensor, bytes]:
+    """(outputs, the receipt statement the peer signed); EnvelopeError if anything does not check out."""
+    out, plain = open_payload(sent, response)
+    return out, check_receipt(sent, response, plain, peer_identity)
