@@ -1,0 +1,128 @@
+"""A/B of the layer call between two source trees, interleaved so the VM's drift hits both.
+
+    git worktree add /tmp/base <commit>
+    .venv/bin/python bench/ab_layer.py /tmp/base . --blocks 12 --calls 100
+
+Each tree gets a worker process (its own bootstrap, one peer hosting all experts, a
+coordinator: the `bench layer` workload) that stays up; blocks of calls then alternate
+between the two (ABBA order), and each block reports its median and the CPU both processes
+spent per call. On a VM whose speed moves 1.5-2x within minutes, back-to-back runs of
+`bench layer` cannot show a 5% change; paired blocks can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU of every thread of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def worker(experts: int, k: int, hidden: int, tokens: int) -> None:
+    """Serve blocks of layer calls: reads a call count per line, answers 'median_ms cpu_ms_per_call'."""
+    import torch
+
+    from coordinator.client import SwarmClient
+    from coordinator.local_swarm import LocalSwarm
+    from coordinator.toy_stack import ToyMoEStack
+    from protos import toy_model
+    from protos.toy_model import ToyConfig
+
+    torch.set_num_threads(1)  # as `moe-swarm bench layer`'s client
+    ffn = max(8, round(8 * hidden / 3 / 8) * 8)
+    config = ToyConfig(num_layers=1, num_experts=experts, hidden_dim=hidden, ffn_dim=ffn, top_k=k)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory(prefix="moe-ab-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
+        ckpt = Path(tmp) / "ckpt"
+        toy_model.save_checkpoint(ckpt, config, seed=0)
+        swarm.start_bootstrap()
+        peer = swarm.start_peer("peer0", "--checkpoint", str(ckpt), "--experts", "*")
+        with (
+            SwarmClient(swarm.initial_peers, toy_model.read_manifest(ckpt).uids(), refresh_period=60) as client,
+            torch.inference_mode(),
+        ):
+            layer = ToyMoEStack.from_checkpoint(ckpt, client).layers[0]
+            client.wait_for_experts()
+            for _ in range(30):
+                layer(x)
+            print("ready", flush=True)
+            for line in sys.stdin:
+                calls = int(line)
+                cpu = _process_cpu_s(peer.pid) + _process_cpu_s(os.getpid())
+                times = []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    layer(x)
+                    times.append(time.perf_counter() - start)
+                cpu = _process_cpu_s(peer.pid) + _process_cpu_s(os.getpid()) - cpu
+                print(f"{statistics.median(times) * 1e3:.3f} {cpu * 1e3 / calls:.3f}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", type=Path, help="source tree A (the baseline)")
+    p.add_argument("b", type=Path, help="source tree B")
+    p.add_argument("--blocks", type=int, default=12)
+    p.add_argument("--calls", type=int, default=100, help="layer calls per block")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.experts, args.k, args.hidden, args.tokens)
+        return
+    shape = ["--experts", str(args.experts), "--k", str(args.k), "--hidden", str(args.hidden)]
+    command = [sys.executable, __file__, "-", "-", "--worker", *shape, "--tokens", str(args.tokens)]
+    workers = {}
+    for name, tree in (("A", args.a), ("B", args.b)):
+        env = {**os.environ, "PYTHONPATH": str(tree.resolve())}  # ahead of the installed package
+        workers[name] = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tempfile.gettempdir()
+        )
+    try:
+        for name, w in workers.items():
+            if w.stdout.readline().strip() != "ready":
+                raise SystemExit(f"worker {name} did not start (tree {args.a if name == 'A' else args.b})")
+        medians: dict[str, list[float]] = {"A": [], "B": []}
+        cpu: dict[str, list[float]] = {"A": [], "B": []}
+        for block in range(args.blocks):
+            for name in "AB" if block % 2 == 0 else "BA":
+                workers[name].stdin.write(f"{args.calls}\n")
+                workers[name].stdin.flush()
+                median, per_call = map(float, workers[name].stdout.readline().split())
+                medians[name].append(median)
+                cpu[name].append(per_call)
+            print(
+                f"block {block}: A {medians['A'][-1]:.2f} ms  B {medians['B'][-1]:.2f} ms  "
+                f"B/A {medians['B'][-1] / medians['A'][-1]:.3f}",
+                flush=True,
+            )
+        ratios = [b / a for a, b in zip(medians["A"], medians["B"], strict=True)]
+        print(
+            f"median A {statistics.median(medians['A']):.2f} ms, B {statistics.median(medians['B']):.2f} ms; "
+            f"B/A median {statistics.median(ratios):.3f}, B faster in {sum(r < 1 for r in ratios)} of {len(ratios)} "
+            f"blocks; CPU per call (peer + coordinator) A {statistics.median(cpu['A']):.2f} ms, "
+            f"B {statistics.median(cpu['B']):.2f} ms"
+        )
+    finally:
+        for w in workers.values():
+            w.stdin.close()
+            w.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
