@@ -385,9 +385,8 @@ class Dispatcher:
             positions = np.concatenate([work[e] for e in done])
             answered[positions] = True
             outputs = answers[done[0]] if len(done) == 1 else torch.cat([answers[e] for e in done])
-            # every row written when all answered: no zero fill
-            result = torch.empty if len(positions) == len(answered) else torch.zeros
-            result = result(k * num_tokens, x.shape[-1], dtype=dtype)
+            allocate = torch.empty if len(positions) == len(answered) else torch.zeros  # all rows written: no fill
+            result = allocate(k * num_tokens, x.shape[-1], dtype=dtype)
             result.index_copy_(0, torch.from_numpy(positions), outputs.to(dtype))
         else:
             result = torch.zeros(k * num_tokens, x.shape[-1], dtype=dtype)
