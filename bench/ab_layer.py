@@ -80,6 +80,13 @@ def main() -> None:
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument(
+        "--env-b",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for B's processes only (B may then be the same tree: an A/B of a setting)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -90,6 +97,8 @@ def main() -> None:
     workers = {}
     for name, tree in (("A", args.a), ("B", args.b)):
         env = {**os.environ, "PYTHONPATH": str(tree.resolve())}  # ahead of the installed package
+        if name == "B":
+            env.update(item.split("=", 1) for item in args.env_b)
         workers[name] = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tempfile.gettempdir()
         )

@@ -17,7 +17,7 @@ from coordinator.models.tiny import FAMILIES, VOCAB, save_tiny_checkpoint
 from coordinator.router import DispatchResult, ExpertUnavailableError
 from peer.hf_experts import HFHostedExperts
 
-from .conftest import greedy, local_model
+from .conftest import CUDA, greedy, local_model
 
 SPECS = ["*:0-2", "*:3-5", "*:6-7"]  # three peers, each a different part of every layer's experts
 
@@ -123,7 +123,24 @@ def test_peer_with_other_expert_weights_is_never_used(swarm, tmp_path):
         assert impostors[0].info["peer_id"] not in client.dispatcher.stats.rpcs_by_peer
 
 
-def test_peer_memory_grows_with_its_experts_only(swarm, tmp_path):
+def _peer_memory(pid: int, device: str) -> int:
+    """Bytes a peer process holds where its weights live: host RSS, or its CUDA memory (nvidia-smi)."""
+    if device == "cpu":
+        return psutil.Process(pid).memory_info().rss
+    import subprocess
+
+    rows = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    used = {int(p): int(mib) for p, mib in (r.split(",") for r in rows if r.strip())}
+    return used[pid] * 2**20
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_peer_memory_grows_with_its_experts_only(swarm, tmp_path, device, monkeypatch):
     # hidden 1024: one expert is 3 x 1024 x 1024 fp32 = 12 MiB, the model's 16 experts 192 MiB
     ckpt = save_tiny_checkpoint(
         tmp_path / "big",
@@ -135,10 +152,13 @@ def test_peer_memory_grows_with_its_experts_only(swarm, tmp_path):
         num_key_value_heads=8,
     )
     expert_bytes = 3 * 1024 * 1024 * 4
-    with peers_serving(swarm, ckpt, ["0:0", "*"], "mem") as (one, everything):
-        rss_one = psutil.Process(one.pid).memory_info().rss
-        rss_all = psutil.Process(everything.pid).memory_info().rss
-    grown = rss_all - rss_one  # 15 experts more
+    # each peer gets its own throughput cache, so both run their self-benchmark: on CUDA its
+    # first GEMM loads cuBLAS (100-200 MiB), which must count for both peers or for neither
+    monkeypatch.setenv("MOE_SWARM_CACHE", str(tmp_path / "cache-one"))
+    with peers_serving(swarm, ckpt, ["0:0"], f"mem-{device}-one", "--device", device) as (one,):
+        monkeypatch.setenv("MOE_SWARM_CACHE", str(tmp_path / "cache-all"))
+        with peers_serving(swarm, ckpt, ["*"], f"mem-{device}-all", "--device", device) as (everything,):
+            grown = _peer_memory(everything.pid, device) - _peer_memory(one.pid, device)  # 15 experts more
     assert 0.8 * 15 * expert_bytes <= grown <= 1.5 * 15 * expert_bytes, grown / expert_bytes
 
 

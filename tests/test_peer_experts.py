@@ -10,6 +10,8 @@ from protos import toy_model
 from protos.records import expert_uid
 from protos.toy_model import ToyConfig
 
+from .conftest import CUDA
+
 
 @pytest.fixture
 def torch_threads(request):
@@ -34,17 +36,48 @@ def torch_threads(request):
 @pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)  # 2: padded batched GEMMs where they pay
 def test_forward_equals_reference(ffn, layout, torch_threads):
     cfg = ToyConfig(num_layers=2, num_experts=4, hidden_dim=16, ffn_dim=ffn)
+    got, want = _forward_and_reference(cfg, layout, "cpu")
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def _forward_and_reference(cfg: ToyConfig, layout, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The peer's output for `layout` ((layer, expert, rows) segments) on `device`, and Mixtral's
+    SwiGLU expert in float64 on the same (dtype-rounded) weights and inputs."""
     state = toy_model.build_state_dict(cfg, seed=3)
-    hosted = HostedExperts.from_seed(cfg, 3, "*:0-3", torch.device("cpu"))
+    hosted = HostedExperts.from_seed(cfg, 3, "*:0-3", torch.device(device))
     segments = [(expert_uid(hosted.model_id, layer, e), rows) for layer, e, rows in layout]
     x = torch.randn(sum(r for _, _, r in layout), cfg.hidden_dim, generator=torch.Generator().manual_seed(0))
+    x = x.to(cfg.torch_dtype)
     got = hosted.forward(x, segments)
+    assert got.device.type == "cpu" and got.dtype == cfg.torch_dtype  # answers leave the device
     want, start = [], 0
     for layer, e, rows in layout:
-        ws = [state[toy_model.expert_key(layer, e, p)] for p in toy_model.EXPERT_PARAMS]
-        want.append(toy_model.swiglu_expert(x[start : start + rows], *ws))
+        ws = [state[toy_model.expert_key(layer, e, p)].double() for p in toy_model.EXPERT_PARAMS]
+        want.append(toy_model.swiglu_expert(x[start : start + rows].double(), *ws))
         start += rows
-    assert (got - torch.cat(want)).abs().max().item() <= 1e-5
+    return got.double(), torch.cat(want)
+
+
+# Half-precision experts on CPU and, where there is one, the CUDA path (grouped GEMM for aligned
+# widths, the per-expert loop for others): output within the dtype's rounding of the float64 math.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("ffn", [64, 30])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [(0, 0, 3), (0, 2, 1), (0, 3, 5)],
+        [(0, 3, 2), (0, 1, 4)],
+        [(1, 0, 40), (0, 2, 1), (1, 3, 17)],
+        [(0, 0, 6), (0, 1, 6), (0, 3, 6)],
+    ],
+)
+def test_forward_on_each_device_and_dtype(device, dtype, ffn, layout):
+    cfg = ToyConfig(num_layers=2, num_experts=4, hidden_dim=64, ffn_dim=ffn, dtype=dtype)
+    got, want = _forward_and_reference(cfg, layout, device)
+    # float32: the 1e-5 the swarm promises; 16-bit: a few ulps of the output's scale
+    tolerance = 1e-5 if dtype == "float32" else 3 * torch.finfo(cfg.torch_dtype).eps * want.abs().max().item()
+    assert (got - want).abs().max().item() <= tolerance
 
 
 def test_padding_is_bounded():
