@@ -2,6 +2,7 @@
 
     git worktree add /tmp/base <commit>
     .venv/bin/python bench/ab_layer.py /tmp/base . --blocks 12 --calls 100
+    .venv/bin/python bench/ab_layer.py . . --env-b OMP_WAIT_POLICY=PASSIVE   # a setting, same code
 
 Each tree gets a worker process (its own bootstrap, one peer hosting all experts, a
 coordinator: the `bench layer` workload) that stays up; blocks of calls then alternate
