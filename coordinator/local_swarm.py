@@ -67,11 +67,11 @@ class LocalSwarm:
     def _ready_path(self, name: str) -> Path:
         return self.workdir / f"{name}.ready.json"
 
-    def _launch(self, name: str, argv: list[str]) -> Process:
+    def _launch(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
         ready = self._ready_path(name)
         ready.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "ab") as log:  # a restarted process appends to its predecessor's log
             popen = subprocess.Popen(
                 [sys.executable, *argv, "--ready-file", str(ready)],
@@ -114,20 +114,22 @@ class LocalSwarm:
     def start_peer(self, name: str, *peer_args: str) -> Process:
         return self.start_peers({name: list(peer_args)})[0]
 
-    def start_peers(self, peers: dict[str, list[str]]) -> list[Process]:
-        """Start several peers at once (their imports and DHT joins overlap), then wait for all."""
+    def start_peers(self, peers: dict[str, list[str]], env: dict[str, dict[str, str]] | None = None) -> list[Process]:
+        """Start several peers at once (their imports and DHT joins overlap), then wait for all.
+        `env`: extra environment variables by peer name."""
         if not self.initial_peers:
             raise LaunchError("start the bootstrap node before peers")
-        procs = [self.launch_peer(name, *args) for name, args in peers.items()]
+        env = env or {}
+        procs = [self.launch_peer(name, *args, env=env.get(name)) for name, args in peers.items()]
         for proc in procs:
             self._wait_ready(proc)
         return procs
 
-    def launch_peer(self, name: str, *peer_args: str) -> Process:
+    def launch_peer(self, name: str, *peer_args: str, env: dict[str, str] | None = None) -> Process:
         """Start a peer without waiting for it (see `poll_ready`): the caller goes on meanwhile."""
         if not self.initial_peers:
             raise LaunchError("start the bootstrap node before peers")
-        return self._launch(name, ["-m", "peer", "serve", *peer_args, "--initial-peers", *self.initial_peers])
+        return self._launch(name, ["-m", "peer", "serve", *peer_args, "--initial-peers", *self.initial_peers], env)
 
     def relaunch(self, proc: Process) -> Process:
         """Start a new incarnation of `proc` with its arguments (a fresh DHT identity and port); no wait.

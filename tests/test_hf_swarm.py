@@ -23,12 +23,16 @@ SPECS = ["*:0-2", "*:3-5", "*:6-7"]  # three peers, each a different part of eve
 
 
 @contextmanager
-def peers_serving(swarm: LocalSwarm, ckpt: Path, specs: list[str], tag: str, *extra: str):
+def peers_serving(
+    swarm: LocalSwarm, ckpt: Path, specs: list[str], tag: str, *extra: str, env: list[dict[str, str]] | None = None
+):
+    """Peers hosting `specs` of `ckpt`, all started at once; `env[i]`: extra environment of peer i."""
     procs = swarm.start_peers(
         {
             f"{tag}-{i}": ["--model", str(ckpt), "--experts", spec, "--threads", "1", *extra]
             for i, spec in enumerate(specs)
-        }
+        },
+        env={f"{tag}-{i}": extra_env for i, extra_env in enumerate(env or [])},
     )
     try:
         yield procs
@@ -140,7 +144,7 @@ def _peer_memory(pid: int, device: str) -> int:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_peer_memory_grows_with_its_experts_only(swarm, tmp_path, device, monkeypatch):
+def test_peer_memory_grows_with_its_experts_only(swarm, tmp_path, device):
     # hidden 1024: one expert is 3 x 1024 x 1024 fp32 = 12 MiB, the model's 16 experts 192 MiB
     ckpt = save_tiny_checkpoint(
         tmp_path / "big",
@@ -154,11 +158,11 @@ def test_peer_memory_grows_with_its_experts_only(swarm, tmp_path, device, monkey
     expert_bytes = 3 * 1024 * 1024 * 4
     # each peer gets its own throughput cache, so both run their self-benchmark: on CUDA its
     # first GEMM loads cuBLAS (100-200 MiB), which must count for both peers or for neither
-    monkeypatch.setenv("MOE_SWARM_CACHE", str(tmp_path / "cache-one"))
-    with peers_serving(swarm, ckpt, ["0:0"], f"mem-{device}-one", "--device", device) as (one,):
-        monkeypatch.setenv("MOE_SWARM_CACHE", str(tmp_path / "cache-all"))
-        with peers_serving(swarm, ckpt, ["*"], f"mem-{device}-all", "--device", device) as (everything,):
-            grown = _peer_memory(everything.pid, device) - _peer_memory(one.pid, device)  # 15 experts more
+    caches = [{"MOE_SWARM_CACHE": str(tmp_path / f"cache-{i}")} for i in range(2)]
+    with peers_serving(swarm, ckpt, ["0:0", "*"], f"mem-{device}", "--device", device, env=caches) as procs:
+        one, everything = procs
+        grown = _peer_memory(everything.pid, device) - _peer_memory(one.pid, device)  # 15 experts more
+    assert all((tmp_path / f"cache-{i}" / "throughput.json").exists() for i in range(2))  # both measured
     assert 0.8 * 15 * expert_bytes <= grown <= 1.5 * 15 * expert_bytes, grown / expert_bytes
 
 
