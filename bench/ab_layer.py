@@ -71,6 +71,13 @@ def worker(experts: int, k: int, hidden: int, tokens: int) -> None:
                 print(f"{statistics.median(times) * 1e3:.3f} {cpu * 1e3 / calls:.3f}", flush=True)
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", type=Path, help="source tree A (the baseline)")
@@ -85,6 +92,7 @@ def main() -> None:
         "--env-b",
         action="append",
         default=[],
+        type=_setting,
         metavar="NAME=VALUE",
         help="environment for B's processes only (B may then be the same tree: an A/B of a setting)",
     )
@@ -99,7 +107,7 @@ def main() -> None:
     for name, tree in (("A", args.a), ("B", args.b)):
         env = {**os.environ, "PYTHONPATH": str(tree.resolve())}  # ahead of the installed package
         if name == "B":
-            env.update(item.split("=", 1) for item in args.env_b)
+            env.update(args.env_b)
         workers[name] = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tempfile.gettempdir()
         )
