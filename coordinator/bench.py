@@ -6,14 +6,17 @@ All three run in one invocation on the same machine, so ratios are comparable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from protos import tensors, toy_model
 from protos.toy_model import ToyConfig
@@ -37,8 +40,11 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
         help="expert FFN size (default ~8/3 x hidden: a SwiGLU expert with the FLOPs of hivemind's ffn)",
     )
     p.add_argument("--tokens", type=int, default=64, help="tokens per layer call")
-    p.add_argument("--repeats", type=int, default=50, help="timed calls for moe-swarm")
-    p.add_argument("--hivemind-repeats", type=int, default=10, help="timed calls for hivemind")
+    p.add_argument("--repeats", type=int, default=200, help="timed calls of our layer (and of the in-process one)")
+    p.add_argument("--hivemind-repeats", type=int, default=15, help="timed calls of hivemind's layer")
+    p.add_argument(
+        "--rounds", type=int, default=5, help="blocks per system, alternated, the timed calls spread over them"
+    )
     p.add_argument(
         "--compare-hivemind",
         action="store_true",
@@ -316,7 +322,10 @@ def _raw_rows_per_s(ckpt: Path, rows: int, hidden: int, cpus: set[int] | None = 
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:
+@contextlib.contextmanager
+def _hivemind_layer(swarm: LocalSwarm, args: argparse.Namespace) -> Iterator[nn.Module]:
+    """hivemind's RemoteMixtureOfExperts over a hivemind Server with the same number of ffn
+    experts (another process on this swarm's bootstrap), ready to call."""
     from hivemind import DHT
     from hivemind.moe.client.moe import RemoteMixtureOfExperts
     from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
@@ -334,10 +343,10 @@ def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor
             *swarm.initial_peers,
         ],
     )
-    with fork_safe_gc():  # after our own gRPC calls in this process (coordinator/forking.py)
+    with fork_safe_gc():  # in case this process has used gRPC already (coordinator/forking.py)
         dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
-        moe = RemoteMixtureOfExperts(
+        yield RemoteMixtureOfExperts(
             in_features=args.hidden,
             grid_size=(args.experts,),
             dht=dht,
@@ -345,10 +354,6 @@ def _bench_hivemind(swarm: LocalSwarm, args: argparse.Namespace, x: torch.Tensor
             k_best=args.k,
             forward_timeout=30,
         )
-        with torch.no_grad():
-            out = moe(x)
-            assert out.shape == x.shape, f"hivemind returned {tuple(out.shape)}"
-            return summary(time_calls(lambda: moe(x), args.hivemind_repeats, warmup=2))
     finally:
         # hivemind's client keeps a P2P replica on its worker loop; close it there, or its
         # destructor fails noisily at interpreter exit
@@ -361,54 +366,92 @@ async def _thread_cpu_s() -> float:
     return time.thread_time()
 
 
+def _rounds(total: int, rounds: int) -> list[int]:
+    """`total` calls spread over `rounds` blocks as evenly as possible (every block >= 1)."""
+    return [max(1, total // rounds + (i < total % rounds)) for i in range(rounds)]
+
+
 def run_layer_bench(args: argparse.Namespace) -> dict:
+    """Ours, in-process and (optionally) hivemind's layer, called in alternating blocks.
+
+    This VM's speed moves up to 2x within minutes; blocks of each system in turn put every
+    phase into all of them, so the medians and the speedup compare like with like.
+    """
+    if args.rounds < 1 or args.repeats < 1 or args.hivemind_repeats < 1:
+        raise SystemExit("bench layer: --rounds, --repeats and --hivemind-repeats must be >= 1")
     # hivemind's ffn expert is H->4H->H (8H^2 MACs); SwiGLU has three H x F matrices: F = 8H/3 matches it
     ffn = args.ffn or max(8, round(8 * args.hidden / 3 / 8) * 8)
     config = ToyConfig(num_layers=1, num_experts=args.experts, hidden_dim=args.hidden, ffn_dim=ffn, top_k=args.k)
     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
-    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
+    with (
+        tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp,
+        LocalSwarm(Path(tmp) / "swarm") as swarm,
+        contextlib.ExitStack() as stack,
+    ):
         ckpt = Path(tmp) / "ckpt"
         toy_model.save_checkpoint(ckpt, config, seed=0)
         swarm.start_bootstrap()
         # the peer gets torch's default threads, like hivemind's server: it is the only process
         # computing while the client waits; the client itself runs one thread (see cli.py)
         swarm.start_peer("peer0", "--checkpoint", str(ckpt), "--experts", "*")
+        # hivemind's client first: its DHT forks before this process has used gRPC
+        theirs = stack.enter_context(_hivemind_layer(swarm, args)) if args.compare_hivemind else None
         local = ToyMoEStack.from_checkpoint(ckpt, LocalExperts.from_checkpoint(ckpt)).layers[0]
         # a slow refresh keeps DHT traffic out of the timed calls
-        with SwarmClient(swarm.initial_peers, toy_model.read_manifest(ckpt).uids(), refresh_period=60) as client:
-            remote = ToyMoEStack.from_checkpoint(ckpt, client).layers[0]
-            client.wait_for_experts()
-            with torch.inference_mode():
-                diff = (remote(x) - local(x)).abs().max().item()
-                time_calls(lambda: remote(x), 0)  # warm-up, outside the CPU window
-                reported, io_cpu = len(client.dispatcher.stats.peer_compute_ms), client.io.run(_thread_cpu_s())
-                ours = summary(times := time_calls(lambda: remote(x), args.repeats, warmup=0))
-                io_cpu = client.io.run(_thread_cpu_s()) - io_cpu
-                peer_compute = statistics.median(client.dispatcher.stats.peer_compute_ms[reported:])
-                in_process = summary(time_calls(lambda: local(x), args.repeats))
-        result = {
-            "tokens": args.tokens,
-            "experts": args.experts,
-            "k": args.k,
-            "hidden": args.hidden,
-            "ffn": ffn,
-            "moe_swarm_ms": ours["median_ms"],
-            "moe_swarm_p99_ms": ours["p99_ms"],
-            "in_process_ms": in_process["median_ms"],
-            "overhead_vs_in_process": ours["median_ms"] / in_process["median_ms"],
-            # where a call's time goes: the expert math the peer reports, and the CPU the
-            # coordinator's I/O thread spends per call (grouping, sealing, gRPC, checking answers)
-            "peer_compute_ms": peer_compute,
-            "coordinator_io_cpu_ms": io_cpu * 1e3 / len(times),
-            "max_abs_diff_vs_local": diff,
-        }
-        if args.compare_hivemind:
-            theirs = _bench_hivemind(swarm, args, x)
-            result.update(
-                hivemind_ms=theirs["median_ms"],
-                hivemind_p99_ms=theirs["p99_ms"],
-                speedup=theirs["median_ms"] / ours["median_ms"],
-            )
+        client = stack.enter_context(
+            SwarmClient(swarm.initial_peers, toy_model.read_manifest(ckpt).uids(), refresh_period=60)
+        )
+        remote = ToyMoEStack.from_checkpoint(ckpt, client).layers[0]
+        client.wait_for_experts()
+        stack.enter_context(torch.inference_mode())
+        diff = (remote(x) - local(x)).abs().max().item()
+        time_calls(lambda: remote(x), 0)  # warm-up, outside the CPU window
+        if theirs is not None:
+            out = theirs(x)
+            assert out.shape == x.shape, f"hivemind returned {tuple(out.shape)}"
+            time_calls(lambda: theirs(x), 0, warmup=1)
+        ours, in_process, hivemind, speedups = [], [], [], []
+        io_cpu = 0.0
+        reported = len(client.dispatcher.stats.peer_compute_ms)
+        for ours_n, theirs_n in zip(
+            _rounds(args.repeats, args.rounds), _rounds(args.hivemind_repeats, args.rounds), strict=True
+        ):
+            cpu = client.io.run(_thread_cpu_s())
+            block = time_calls(lambda: remote(x), ours_n, warmup=0)
+            io_cpu += client.io.run(_thread_cpu_s()) - cpu
+            ours += block
+            in_process += time_calls(lambda: local(x), ours_n, warmup=1)
+            if theirs is not None:
+                hivemind += (their_block := time_calls(lambda: theirs(x), theirs_n, warmup=0))
+                speedups.append(statistics.median(their_block) / statistics.median(block))
+        peer_compute = statistics.median(client.dispatcher.stats.peer_compute_ms[reported:])
+    ours_s, in_process_s = summary(ours), summary(in_process)
+    result = {
+        "tokens": args.tokens,
+        "experts": args.experts,
+        "k": args.k,
+        "hidden": args.hidden,
+        "ffn": ffn,
+        "rounds": args.rounds,
+        "moe_swarm_ms": ours_s["median_ms"],
+        "moe_swarm_p99_ms": ours_s["p99_ms"],
+        "in_process_ms": in_process_s["median_ms"],
+        "overhead_vs_in_process": ours_s["median_ms"] / in_process_s["median_ms"],
+        # where a call's time goes: the expert math the peer reports, and the CPU the
+        # coordinator's I/O thread spends per call (grouping, sealing, gRPC, checking answers)
+        "peer_compute_ms": peer_compute,
+        "coordinator_io_cpu_ms": io_cpu * 1e3 / len(ours),
+        "max_abs_diff_vs_local": diff,
+    }
+    if hivemind:
+        theirs_s = summary(hivemind)
+        result.update(
+            hivemind_ms=theirs_s["median_ms"],
+            hivemind_p99_ms=theirs_s["p99_ms"],
+            speedup=theirs_s["median_ms"] / ours_s["median_ms"],
+            # the ratio of each round's medians: how far the VM's phases move the speedup
+            speedup_per_round=speedups,
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
