@@ -14,13 +14,16 @@ spent per call. On a VM whose speed moves 1.5-2x within minutes, back-to-back ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -31,10 +34,13 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def worker(experts: int, k: int, hidden: int, tokens: int) -> None:
-    """Serve blocks of layer calls: reads a call count per line, answers 'median_ms cpu_ms_per_call'."""
+@contextlib.contextmanager
+def one_peer_layer(experts: int, k: int, hidden: int, tokens: int) -> Iterator[tuple[subprocess.Popen, Any, Any]]:
+    """The `bench layer` workload, warmed up: (the peer process, the remote layer, its input).
+    Runs on whatever tree this process imports (PYTHONPATH)."""
     import torch
 
+    from coordinator.bench import hivemind_matched_ffn
     from coordinator.client import SwarmClient
     from coordinator.local_swarm import LocalSwarm
     from coordinator.toy_stack import ToyMoEStack
@@ -42,7 +48,7 @@ def worker(experts: int, k: int, hidden: int, tokens: int) -> None:
     from protos.toy_model import ToyConfig
 
     torch.set_num_threads(1)  # as `moe-swarm bench layer`'s client
-    ffn = max(8, round(8 * hidden / 3 / 8) * 8)
+    ffn = hivemind_matched_ffn(hidden)
     config = ToyConfig(num_layers=1, num_experts=experts, hidden_dim=hidden, ffn_dim=ffn, top_k=k)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory(prefix="moe-ab-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
@@ -58,17 +64,23 @@ def worker(experts: int, k: int, hidden: int, tokens: int) -> None:
             client.wait_for_experts()
             for _ in range(30):
                 layer(x)
-            print("ready", flush=True)
-            for line in sys.stdin:
-                calls = int(line)
-                cpu = _process_cpu_s(peer.pid) + _process_cpu_s(os.getpid())
-                times = []
-                for _ in range(calls):
-                    start = time.perf_counter()
-                    layer(x)
-                    times.append(time.perf_counter() - start)
-                cpu = _process_cpu_s(peer.pid) + _process_cpu_s(os.getpid()) - cpu
-                print(f"{statistics.median(times) * 1e3:.3f} {cpu * 1e3 / calls:.3f}", flush=True)
+            yield peer, layer, x
+
+
+def worker(experts: int, k: int, hidden: int, tokens: int) -> None:
+    """Serve blocks of layer calls: reads a call count per line, answers 'median_ms cpu_ms_per_call'."""
+    with one_peer_layer(experts, k, hidden, tokens) as (peer, layer, x):
+        print("ready", flush=True)
+        for line in sys.stdin:
+            calls = int(line)
+            cpu = _process_cpu_s(peer.pid) + _process_cpu_s(os.getpid())
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                layer(x)
+                times.append(time.perf_counter() - start)
+            cpu = _process_cpu_s(peer.pid) + _process_cpu_s(os.getpid()) - cpu
+            print(f"{statistics.median(times) * 1e3:.3f} {cpu * 1e3 / calls:.3f}", flush=True)
 
 
 def _setting(text: str) -> tuple[str, str]:

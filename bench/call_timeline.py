@@ -86,34 +86,16 @@ def instrument(dest: Path) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     """Run the layer calls on the instrumented copy (this process's PYTHONPATH)."""
-    import torch
+    from ab_layer import one_peer_layer  # the same workload as the A/B script, next to this one
 
-    from coordinator.client import SwarmClient
-    from coordinator.local_swarm import LocalSwarm
-    from coordinator.toy_stack import ToyMoEStack
-    from protos import _timeline, toy_model
-    from protos.toy_model import ToyConfig
+    from protos import _timeline
 
-    torch.set_num_threads(1)  # as `moe-swarm bench layer`'s client
-    ffn = max(8, round(8 * args.hidden / 3 / 8) * 8)
-    config = ToyConfig(num_layers=1, num_experts=args.experts, hidden_dim=args.hidden, ffn_dim=ffn, top_k=args.k)
-    x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
-    with tempfile.TemporaryDirectory(prefix="moe-timeline-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
-        ckpt = Path(tmp) / "ckpt"
-        toy_model.save_checkpoint(ckpt, config, seed=0)
-        swarm.start_bootstrap()
-        swarm.start_peer("peer0", "--checkpoint", str(ckpt), "--experts", "*")
-        uids = toy_model.read_manifest(ckpt).uids()
-        with SwarmClient(swarm.initial_peers, uids, refresh_period=60) as client, torch.inference_mode():
-            layer = ToyMoEStack.from_checkpoint(ckpt, client).layers[0]
-            client.wait_for_experts()
-            for _ in range(50):
-                layer(x)
-            time.sleep(0.5)
-            for _ in range(args.calls):
-                _timeline.mark("M0")
-                layer(x)
-                _timeline.mark("M3")
+    with one_peer_layer(args.experts, args.k, args.hidden, args.tokens) as (_, layer, x):
+        time.sleep(0.5)
+        for _ in range(args.calls):
+            _timeline.mark("M0")
+            layer(x)
+            _timeline.mark("M3")
 
 
 def stages(trace_dir: Path) -> tuple[dict[tuple[str, str], list[float]], int]:

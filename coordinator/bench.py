@@ -29,6 +29,12 @@ from .stats import summary, time_calls
 from .toy_stack import LocalExperts, ToyMoEStack
 
 
+def hivemind_matched_ffn(hidden: int) -> int:
+    """The SwiGLU FFN size with the FLOPs of hivemind's ffn expert: that one is H->4H->H (8H^2
+    MACs), SwiGLU has three H x F matrices, so F = 8H/3 (a multiple of 8)."""
+    return max(8, round(8 * hidden / 3 / 8) * 8)
+
+
 def add_layer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, default=8, help="experts in the layer")
     p.add_argument("--k", type=int, default=2, help="experts per token")
@@ -224,7 +230,7 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
 
     from .toy_stack import LocalExperts
 
-    ffn = args.ffn or max(8, round(8 * args.hidden / 24) * 8)
+    ffn = args.ffn or hivemind_matched_ffn(args.hidden)
     config = ToyConfig(num_layers=1, num_experts=8, hidden_dim=args.hidden, ffn_dim=ffn, top_k=2)
     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
@@ -379,8 +385,7 @@ def run_layer_bench(args: argparse.Namespace) -> dict:
     """
     if args.rounds < 1 or args.repeats < 1 or args.hivemind_repeats < 1:
         raise SystemExit("bench layer: --rounds, --repeats and --hivemind-repeats must be >= 1")
-    # hivemind's ffn expert is H->4H->H (8H^2 MACs); SwiGLU has three H x F matrices: F = 8H/3 matches it
-    ffn = args.ffn or max(8, round(8 * args.hidden / 3 / 8) * 8)
+    ffn = args.ffn or hivemind_matched_ffn(args.hidden)
     config = ToyConfig(num_layers=1, num_experts=args.experts, hidden_dim=args.hidden, ffn_dim=ffn, top_k=args.k)
     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
     with (
