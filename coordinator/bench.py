@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from protos import tensors, toy_model
+from protos.expert_spec import expert_slices
 from protos.toy_model import ToyConfig
 
 from .client import SwarmClient
@@ -74,7 +75,6 @@ def run_generate_bench(args: argparse.Namespace) -> dict:
     """Greedy generation tokens/s through a local swarm vs the same model run locally, same run."""
     from transformers import AutoModelForCausalLM
 
-    from .demo import expert_slices
     from .generate import greedy
     from .models.hf import checkpoint_info, load_swarm_model
     from .models.tiny import VOCAB, save_tiny_checkpoint

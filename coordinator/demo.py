@@ -10,11 +10,12 @@ process it started.
 from __future__ import annotations
 
 import argparse
-import itertools
 from pathlib import Path
 
 import torch
 from rich.console import Console
+
+from protos.expert_spec import expert_slices
 
 from .client import SwarmClient
 from .generate import greedy
@@ -42,12 +43,6 @@ def ensure_tiny_checkpoint(cache: Path, family: str, seed: int) -> Path:
     if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
         save_tiny_checkpoint(path, family, seed=seed)
     return path
-
-
-def expert_slices(num_experts: int, peers: int) -> list[str]:
-    """Split expert ids into `peers` contiguous ranges, every layer alike: '*:0-2', '*:3-5', ..."""
-    bounds = [round(i * num_experts / peers) for i in range(peers + 1)]
-    return [f"*:{lo}-{hi - 1}" for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
 
 def run_demo(args: argparse.Namespace) -> int:

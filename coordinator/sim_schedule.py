@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from protos.expert_spec import expert_slices
+
 # kill: SIGKILL the peer's process group (a machine dying); stop: SIGTERM (drain, withdraw, exit);
 # stall: SIGSTOP for `duration` s then SIGCONT (a straggler); restart: start a downed peer again;
 # join: a new peer (hosting `experts`) enters the swarm
@@ -53,7 +55,6 @@ class PeerPlan:
 
 def expert_groups(num_experts: int, num_peers: int, replication: int) -> list[str]:
     """One --experts spec per replica group: the experts of every layer split into num_peers // replication slices."""
-    from .demo import expert_slices
 
     if replication < 1 or num_peers < replication:
         raise ValueError(f"need 1 <= replication <= peers, got replication {replication} with {num_peers} peers")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from protos import toy_model
+from protos.expert_spec import format_expert_spec
 from protos.records import PeerRecord, expert_uid, fetch_latest, parse_expert_uid
 
 if TYPE_CHECKING:
@@ -241,27 +241,10 @@ async def collect(
 
 def hosted_spec(uids: Iterable[str], experts: Sequence[ExpertStatus]) -> str:
     """Compact LAYER:EXPERTS list of what a peer hosts, in `moe-peer serve --experts` syntax."""
-    per_layer: dict[int, list[int]] = {}
-    for uid in uids:
-        _, layer, e = parse_expert_uid(uid)
-        per_layer.setdefault(layer, []).append(e)
-    all_in_layer: dict[int, set[int]] = {}
+    layer_experts: dict[int, set[int]] = {}
     for x in experts:
-        all_in_layer.setdefault(x.layer, set()).add(x.expert)
-    items = []
-    for layer, es in sorted(per_layer.items()):
-        ranges = ["*"] if set(es) == all_in_layer.get(layer) else _ranges(sorted(es))
-        items += [f"{layer}:{r}" for r in ranges]
-    return ",".join(items)
-
-
-def _ranges(values: list[int]) -> list[str]:
-    """[0, 1, 2, 5] -> ['0-2', '5']"""
-    parts = []
-    for _, run in itertools.groupby(enumerate(values), key=lambda iv: iv[1] - iv[0]):
-        run = [v for _, v in run]
-        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return parts
+        layer_experts.setdefault(x.layer, set()).add(x.expert)
+    return format_expert_spec((parse_expert_uid(uid)[1:] for uid in uids), layer_experts)
 
 
 _STATE_STYLE = {"online": "green", "joining": "yellow", "draining": "yellow", "left": "dim"}

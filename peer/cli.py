@@ -21,11 +21,12 @@ import torch
 
 from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS, __version__, tensors, toy_model
 from protos.cliconfig import install as with_config
+from protos.expert_spec import format_expert_spec
 from protos.records import PeerRecord, PeerState
 from protos.toy_model import ToyConfig
 
 from .experts import HostedExperts
-from .placement import choose_experts, parse_bytes, spec_for
+from .placement import choose_experts, parse_bytes
 from .selfbench import cached_throughput
 
 if TYPE_CHECKING:
@@ -305,13 +306,14 @@ async def recheck_placement(args, device, servicer, announcer, coverage, pairs, 
         if streak < 2:
             continue
         streak = 0
-        log.info("re-placing: %s -> %s (weakest coverage improves)", spec_for(hosted), spec_for(proposal))
+        before, after = format_expert_spec(hosted), format_expert_spec(proposal)
+        log.info("re-placing: %s -> %s (weakest coverage improves)", before, after)
         servicer.state = PeerState.DRAINING
         await announcer.announce()  # coordinators stop choosing us; in-flight work finishes
         deadline = time.monotonic() + args.drain_timeout
         while servicer.load and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        args.experts = spec_for(proposal)
+        args.experts = format_expert_spec(proposal)
         experts = await asyncio.to_thread(load_experts, args, device)
         release_freed_memory()
         retired = sorted(set(announcer.uids) - set(experts.uids))
@@ -392,7 +394,7 @@ async def serve(args: argparse.Namespace) -> None:
     if auto:
         await asyncio.sleep(random.uniform(0, args.placement_delay))
         replicas = await coverage()
-        args.experts = spec_for(choose_experts(pairs, replicas, expert_bytes, budget))
+        args.experts = format_expert_spec(choose_experts(pairs, replicas, expert_bytes, budget))
         log.info("auto placement: hosting %s (coverage before: %s)", args.experts, sorted(set(replicas.values())))
         experts = load_experts(args, device)
     release_freed_memory()

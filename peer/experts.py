@@ -10,39 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from protos import toy_model
+from protos.expert_spec import parse_expert_spec
 from protos.records import expert_uid
 from protos.toy_model import EXPERT_PARAMS, Manifest, ToyConfig
-
-
-def _parse_range(text: str, limit: int, what: str) -> list[int]:
-    if text == "*":
-        return list(range(limit))
-    lo, sep, hi = text.partition("-")
-    try:
-        start, stop = int(lo), int(hi if sep else lo)
-    except ValueError:
-        raise ValueError(f"bad {what} range {text!r}: expected N, A-B or *") from None
-    if not 0 <= start <= stop < limit:
-        raise ValueError(f"{what} range {text!r} is outside 0..{limit - 1}")
-    return list(range(start, stop + 1))
-
-
-def parse_expert_spec(spec: str, num_layers: int, num_experts: int) -> list[tuple[int, int]]:
-    """'0:0-3,1:*' -> [(0,0),(0,1),(0,2),(0,3),(1,0),...]; '*' hosts every expert."""
-    spec = spec.strip()
-    if spec == "*":
-        spec = "*:*"
-    chosen: set[tuple[int, int]] = set()
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        layers, sep, experts = item.partition(":")
-        if not sep:
-            raise ValueError(f"bad expert spec item {item!r}: expected LAYERS:EXPERTS, e.g. 0:0-3 or 1:*")
-        for layer in _parse_range(layers, num_layers, "layer"):
-            chosen.update((layer, e) for e in _parse_range(experts, num_experts, "expert"))
-    if not chosen:
-        raise ValueError(f"expert spec {spec!r} selects no expert")
-    return sorted(chosen)
-
 
 # On CPU, ragged grouped GEMMs run the experts one after another, and a GEMM of a few rows
 # keeps only one core busy. A batched GEMM with every expert padded to the same row capacity

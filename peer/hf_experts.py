@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from protos.expert_spec import parse_expert_spec
 from protos.hf_checkpoint import HFCheckpoint, expert_digest, experts_class, load_manifest, takes_scaled_inputs
 from protos.records import expert_uid
 
-from .experts import parse_expert_spec, time_throughput
+from .experts import time_throughput
 
 
 class HFLayerExperts:

@@ -54,11 +54,6 @@ def choose_experts(
     return sorted(ranked[:capacity])
 
 
-def spec_for(pairs: Iterable[tuple[int, int]]) -> str:
-    """[(0, 1), (2, 5)] -> '0:1,2:5' (the --experts syntax)."""
-    return ",".join(f"{layer}:{expert}" for layer, expert in pairs)
-
-
 def weakest_coverage(
     candidates: Iterable[tuple[int, int]], others: dict[tuple[int, int], int], hosted: Iterable[tuple[int, int]]
 ) -> int:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from peer.experts import parse_expert_spec
+from protos.expert_spec import parse_expert_spec
 
 
 def test_ranges_and_wildcards():
@@ -26,7 +26,7 @@ def test_ranges_and_wildcards():
         ("0", "LAYERS:EXPERTS"),
         ("0:4", "outside"),
         ("2:0", "outside"),
-        ("0:3-1", "outside"),
+        ("0:3-1", "reversed: write 1-3"),
         ("0:a", "bad expert"),
         ("", "selects no expert"),
     ],

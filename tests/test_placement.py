@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from peer.placement import better_placement, choose_experts, parse_bytes, spec_for, weakest_coverage
+from peer.placement import better_placement, choose_experts, parse_bytes, weakest_coverage
 from protos import toy_model
+from protos.expert_spec import format_expert_spec
 
 from .conftest import TINY
 
@@ -32,7 +33,7 @@ def test_least_covered_first_within_budget():
     assert got == [(0, 1), (0, 3), (0, 2)] or got == [(0, 1), (0, 3), (0, 5)]
     with pytest.raises(ValueError, match="holds no expert"):
         choose_experts(pairs, replicas, expert_bytes=100, budget=99)
-    assert spec_for([(0, 1), (2, 5)]) == "0:1,2:5"
+    assert format_expert_spec([(0, 1), (2, 5)]) == "0:1,2:5"
 
 
 def test_three_peers_with_a_third_of_the_budget_cover_every_expert(swarm, tmp_path):
@@ -114,7 +115,8 @@ def test_auto_peer_moves_off_duplicated_experts_after_draining(swarm, tmp_path):
     first = sorted(mover.info["experts"])
     pairs = sorted(tuple(map(int, u.rsplit("/", 2)[1:])) for u in first)
     # a fixed peer duplicates exactly what the mover chose: the other half has no replica
-    fixed = swarm.start_peer("fixed", "--checkpoint", str(ckpt), "--experts", spec_for(pairs), "--threads", "1")
+    spec = format_expert_spec(pairs)
+    fixed = swarm.start_peer("fixed", "--checkpoint", str(ckpt), "--experts", spec, "--threads", "1")
     channel = grpc.insecure_channel(mover.info["endpoint"])
     errors, stop = [], threading.Event()
     try:
