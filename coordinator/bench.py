@@ -20,10 +20,10 @@ from torch import nn
 
 from protos import tensors, toy_model
 from protos.expert_spec import expert_slices
+from protos.plumbing.dht import fork_safe_gc
 from protos.toy_model import ToyConfig
 
 from .client import SwarmClient
-from .forking import fork_safe_gc
 from .gating import topk_softmax
 from .local_swarm import LocalSwarm
 from .stats import summary, time_calls
@@ -349,7 +349,7 @@ def _hivemind_layer(swarm: LocalSwarm, args: argparse.Namespace) -> Iterator[nn.
             *swarm.initial_peers,
         ],
     )
-    with fork_safe_gc():  # in case this process has used gRPC already (coordinator/forking.py)
+    with fork_safe_gc():  # in case this process has used gRPC already (protos/plumbing/dht.py)
         dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         yield RemoteMixtureOfExperts(

@@ -20,7 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
-from protos.cliconfig import install as with_config
+from protos.plumbing.cliconfig import install as with_config
+from protos.plumbing.files import write_json_atomic
 
 from .router import DispatchError
 
@@ -63,21 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 def run_bootstrap(args: argparse.Namespace) -> int:
     import threading
 
-    from hivemind import DHT
-
-    from protos.reachability import serve_dial_back
-    from protos.validation import dht_validators
+    from protos.plumbing.dht import start_dht
+    from protos.plumbing.reachability import serve_dial_back
 
     # the bootstrap stores records too: it must refuse forged ones like every other node
-    dht = DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], record_validators=dht_validators())
+    dht = start_dht(host=args.host, port=args.port)
     serve_dial_back(dht)  # joining peers ask us to dial their endpoint before they announce it
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     print("DHT bootstrap node is up. Join it with:", flush=True)
     print("  --initial-peers " + " ".join(maddrs), flush=True)
     if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"maddrs": maddrs, "pid": os.getpid()}))
-        os.replace(tmp, args.ready_file)
+        write_json_atomic(args.ready_file, {"maddrs": maddrs, "pid": os.getpid()})
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -7,13 +7,11 @@ import time
 from collections.abc import Sequence
 
 import torch
-from hivemind import DHT
 
 from protos import DEFAULT_MAX_MESSAGE_BYTES
 from protos.envelope import Identity
-from protos.validation import dht_validators
+from protos.plumbing.dht import start_dht
 
-from .forking import fork_safe_gc
 from .loop import LoopThread
 from .router import Dispatcher, DispatchResult, ScoresFn
 from .swarm import SwarmView
@@ -39,14 +37,7 @@ class SwarmClient:
     ) -> None:
         # client_mode: a coordinator reads the DHT but stores nobody's records; it validates
         # what it reads with the same validators as every node
-        with fork_safe_gc():  # the DHT node is a forked child (coordinator/forking.py)
-            self.dht = DHT(
-                initial_peers=list(initial_peers),
-                client_mode=True,
-                start=True,
-                host_maddrs=[f"/ip4/{host}/tcp/0"],
-                record_validators=dht_validators(),
-            )
+        self.dht = start_dht(initial_peers, host=host, client_mode=True)
         self.identity = identity or Identity.generate()
         self.io = LoopThread()
         self.swarm = SwarmView(self.dht, uids, refresh_period)

@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from protos.plumbing.files import write_json_atomic
+
 from .status import add_swarm_view_args, collect, join_swarm, resolve_uids
 
 PAGE = Path(__file__).with_name("dashboard.html")
@@ -140,9 +142,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
         while not stop.is_set() and not snapshots.first.wait(0.2) and time.monotonic() < deadline:
             pass
         if args.ready_file and not stop.is_set():
-            tmp = args.ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-            os.replace(tmp, args.ready_file)
+            write_json_atomic(args.ready_file, {"url": url, "pid": os.getpid()})
         stop.wait()
     finally:
         if serving.is_alive():

@@ -6,11 +6,12 @@ Runs hivemind's own `Server` with `ffn` experts on 127.0.0.1 and writes a ready 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import threading
 from pathlib import Path
+
+from protos.plumbing.files import write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    tmp = args.ready_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid()}))
-    os.replace(tmp, args.ready_file)
+    write_json_atomic(args.ready_file, {"pid": os.getpid()})
     stop.wait()
     server.shutdown()
     return 0

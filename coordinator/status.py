@@ -319,25 +319,13 @@ def print_status(console: Console, status: SwarmStatus) -> None:
 
 def join_swarm(initial_peers: Sequence[str]) -> DHT | None:
     """A client-mode DHT node for reading expert records; None (after one error line) when no initial peer answers."""
-    from hivemind import DHT
-    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
-
-    from protos.validation import dht_validators
-
-    from .forking import fork_safe_gc
+    from protos.plumbing.dht import SwarmJoinError, start_dht
 
     # client_mode: reads the DHT and stores nobody's records, like the coordinator's SwarmClient
     try:
-        with fork_safe_gc():  # the DHT node is a forked child (coordinator/forking.py)
-            return DHT(
-                initial_peers=list(initial_peers),
-                client_mode=True,
-                start=True,
-                host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                record_validators=dht_validators(),  # strips and checks the owners' signatures like every node
-            )
-    except P2PDaemonError as e:  # no initial peer answered: say so instead of a traceback
-        print(f"moe-swarm: error: cannot join the swarm through --initial-peers: {e}", file=sys.stderr)
+        return start_dht(initial_peers, client_mode=True)
+    except SwarmJoinError as e:  # no initial peer answered: say so instead of a traceback
+        print(f"moe-swarm: error: {e}", file=sys.stderr)
         return None
 
 

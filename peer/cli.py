@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import random
@@ -20,8 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS, __version__, tensors, toy_model
-from protos.cliconfig import install as with_config
 from protos.expert_spec import format_expert_spec
+from protos.plumbing.cliconfig import install as with_config
+from protos.plumbing.dht import SwarmJoinError
+from protos.plumbing.files import write_json_atomic
 from protos.records import PeerRecord, PeerState
 from protos.toy_model import ToyConfig
 
@@ -212,12 +213,6 @@ def impairment(args: argparse.Namespace) -> Impairment | None:
     return imp if imp.active else None
 
 
-def write_ready_file(path: Path, info: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)  # atomic: a launcher never reads half a file
-
-
 def security(args: argparse.Namespace) -> dict:
     """The servicer's security settings; file and value errors surface before anything starts."""
     from protos.envelope import Identity
@@ -328,7 +323,7 @@ async def recheck_placement(args, device, servicer, announcer, coverage, pairs, 
 
 async def require_reachable(dht, args: argparse.Namespace, endpoint: str, port: int) -> None:
     """Refuse to announce an address other nodes cannot dial, saying what to change."""
-    from protos.reachability import check_reachable
+    from protos.plumbing.reachability import check_reachable
 
     ok, detail = await check_reachable(dht, args.initial_peers, endpoint)
     if ok is None:
@@ -361,12 +356,12 @@ async def serve(args: argparse.Namespace) -> None:
     else:
         experts = load_experts(args, device)  # first: configuration errors surface before anything starts
 
-    from hivemind import DHT
     from hivemind.utils import get_dht_time
 
-    from protos.reachability import serve_dial_back
+    from protos.plumbing.dht import start_dht
+    from protos.plumbing.reachability import serve_dial_back
     from protos.records import count_serving, expert_uid, fetch_latest
-    from protos.validation import dht_validators, owner_subkey
+    from protos.validation import owner_subkey
 
     from .announce import Announcer
     from .server import ExpertServicer, start_server
@@ -375,12 +370,7 @@ async def serve(args: argparse.Namespace) -> None:
     # inherited SIG_IGN, so it stays up until we have drained and withdrawn our records
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rsa = identity.rsa_key()
-    dht = DHT(
-        initial_peers=args.initial_peers,
-        host_maddrs=[f"/ip4/{args.host}/tcp/{args.dht_port}"],
-        record_validators=dht_validators(rsa),
-        start=True,
-    )
+    dht = start_dht(args.initial_peers, host=args.host, port=args.dht_port, rsa_key=rsa)
     peer_id = identity.fingerprint
     owner = owner_subkey(rsa)
 
@@ -457,7 +447,7 @@ async def serve(args: argparse.Namespace) -> None:
             throughput,
         )
         if args.ready_file:
-            write_ready_file(
+            write_json_atomic(
                 args.ready_file,
                 {
                     "endpoint": endpoint,
@@ -521,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.threads:  # one torch thread per compute CPU, not per CPU of the host
                 torch.set_num_threads(len(args.compute_cpus))
         uvloop.run(serve(args))
-    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
+    except (ValueError, FileNotFoundError, OSError, ImportError, SwarmJoinError) as e:
         print(f"moe-peer: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from protos.plumbing.files import write_json_atomic
+
 DEFAULT_CACHE = Path(os.environ.get("MOE_SWARM_CACHE", Path.home() / ".cache" / "moe-swarm")) / "throughput.json"
 
 
@@ -46,9 +48,7 @@ def cached_throughput(experts: Measurable, cache: Path = DEFAULT_CACHE) -> float
     table[key] = value
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        os.replace(tmp, cache)  # atomic: peers starting together never read half a file
+        write_json_atomic(cache, table, indent=1, sort_keys=True)  # peers starting together never read half a file
     except OSError:
         pass  # a read-only home only costs a re-measurement next time
     return value

@@ -23,8 +23,8 @@ import yaml
 
 from coordinator.cli import build_parser as swarm_parser
 from peer.cli import build_parser as peer_parser
-from protos.cliconfig import env_vars
 from protos.expert_spec import parse_expert_spec
+from protos.plumbing.cliconfig import env_vars
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

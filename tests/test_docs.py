@@ -11,7 +11,7 @@ import pytest
 
 from coordinator.cli import build_parser as swarm_parser
 from peer.cli import build_parser as peer_parser
-from protos.cliconfig import env_vars
+from protos.plumbing.cliconfig import env_vars
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["architecture.md", "protocol.md", "running-a-peer.md", "joining.md", "troubleshooting.md"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from . import expert_service_pb2 as pb
+from protos import expert_service_pb2 as pb
 
 if TYPE_CHECKING:
     from hivemind import DHT

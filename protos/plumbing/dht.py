@@ -1,0 +1,90 @@
+"""Starting this swarm's DHT nodes: one factory for bootstrap, peers and coordinators.
+
+Every node runs the same record validators (protos/validation.py). Each node is a forked
+child, and forking safely from a process that has used gRPC needs care:
+
+hivemind starts each DHT node by fork(). The child inherits every Python object of the
+parent, garbage included. If the child's garbage collector frees an inherited grpc.aio
+object (a closed channel's or stream's call still in a reference cycle), its finaliser
+calls into a gRPC core whose threads exist only in the parent: the child spins forever
+(seen: `gc_collect_main -> cygrpc -> Thread.join`) or crashes. So the collector is off
+from just before the fork until the child has moved everything it inherited to the
+generation that is never collected (`gc.freeze()`); both processes then collect their own
+new garbage as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hivemind import DHT
+    from hivemind.utils.crypto import RSAPrivateKey
+
+# while a fork_safe_gc() block runs: whether its forked children turn the collector back on
+# once they have frozen what they inherited (None: not forking from such a block)
+_child_gc: bool | None = None
+
+
+def _after_fork_in_child() -> None:
+    if _child_gc is not None:
+        gc.freeze()
+        if _child_gc:
+            gc.enable()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def fork_safe_gc() -> Iterator[None]:
+    """Around code that forks (a hivemind DHT start) in a process that has used gRPC."""
+    global _child_gc
+    enabled = gc.isenabled()
+    gc.disable()  # also in the child until its at-fork hook has frozen what it inherited
+    _child_gc = enabled
+    try:
+        yield
+    finally:
+        _child_gc = None
+        if enabled:
+            gc.enable()
+
+
+class SwarmJoinError(RuntimeError):
+    """The DHT node could not start or reach the swarm; the message is one line for the user."""
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    client_mode: bool = False,
+    rsa_key: RSAPrivateKey | None = None,
+    **kwargs,
+) -> DHT:
+    """A running DHT node with this swarm's validators. `client_mode` nodes read records and
+    store nobody's (coordinators); `rsa_key` signs this node's own records (peers)."""
+    from hivemind import DHT
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+    from protos.validation import dht_validators
+
+    try:
+        with fork_safe_gc():  # the node is a forked child: see the module's docstring
+            return DHT(
+                initial_peers=list(initial_peers),
+                client_mode=client_mode,
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                record_validators=dht_validators(rsa_key),
+                start=True,
+                **kwargs,
+            )
+    except P2PDaemonError as e:
+        what = "join the swarm through --initial-peers" if initial_peers else f"start a DHT node on {host}:{port}"
+        raise SwarmJoinError(f"cannot {what}: {str(e).strip().splitlines()[-1]}") from None
