@@ -40,10 +40,10 @@ def one_peer_layer(experts: int, k: int, hidden: int, tokens: int) -> Iterator[t
     Runs on whatever tree this process imports (PYTHONPATH)."""
     import torch
 
-    from coordinator.bench import hivemind_matched_ffn
+    from coordinator.bench.benchmarks import hivemind_matched_ffn
     from coordinator.client import SwarmClient
-    from coordinator.local_swarm import LocalSwarm
-    from coordinator.toy_stack import ToyMoEStack
+    from coordinator.models.toy_stack import ToyMoEStack
+    from coordinator.sim.local_swarm import LocalSwarm
     from protos import toy_model
     from protos.toy_model import ToyConfig
 

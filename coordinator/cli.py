@@ -20,25 +20,24 @@ import signal
 import sys
 from pathlib import Path
 
+from coordinator.dispatch.dispatcher import DispatchError
 from protos.plumbing.cliconfig import install as with_config
 from protos.plumbing.files import write_json_atomic
 
-from .router import DispatchError
-
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import (
+    from coordinator.bench.benchmarks import (
         add_generate_bench_args,
         add_layer_args,
         add_saturation_bench_args,
         add_security_bench_args,
         add_straggler_bench_args,
     )
-    from .dashboard import add_dashboard_args
-    from .demo import add_demo_args
-    from .generate import add_generate_args
-    from .simulate import add_simulate_args
-    from .status import add_status_args
+    from coordinator.commands.demo import add_demo_args
+    from coordinator.commands.generate import add_generate_args
+    from coordinator.ops.dashboard import add_dashboard_args
+    from coordinator.ops.status import add_status_args
+    from coordinator.sim.simulate import add_simulate_args
 
     parser = argparse.ArgumentParser(prog="moe-swarm", description="Run MoE models on a swarm of expert peers.")
     parser.add_argument("--log-level", default="WARNING")
@@ -114,27 +113,27 @@ def run_command(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()  # our own output is the report; keep it readable
     if args.command == "simulate":
-        from .simulate import run_simulate
+        from coordinator.sim.simulate import run_simulate
 
         return run_simulate(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from coordinator.commands.demo import run_demo
 
         return run_demo(args)
     if args.command == "status":
-        from .status import run_status
+        from coordinator.ops.status import run_status
 
         return run_status(args)
     if args.command == "dashboard":
-        from .dashboard import run_dashboard
+        from coordinator.ops.dashboard import run_dashboard
 
         return run_dashboard(args)
     if args.command == "generate":
-        from .generate import run_generate
+        from coordinator.commands.generate import run_generate
 
         return run_generate(args)
     if args.command == "bench":
-        from . import bench
+        from coordinator.bench import benchmarks as bench
 
         run = {
             "layer": bench.run_layer_bench,

@@ -8,14 +8,13 @@ from collections.abc import Sequence
 
 import torch
 
+from coordinator.dispatch.dispatcher import Dispatcher, DispatchResult, ScoresFn
+from coordinator.dispatch.loop import LoopThread
+from coordinator.dispatch.swarm import SwarmView
+from coordinator.dispatch.transport import Channels, Sessions
 from protos import DEFAULT_MAX_MESSAGE_BYTES
 from protos.envelope import Identity
 from protos.plumbing.dht import start_dht
-
-from .loop import LoopThread
-from .router import Dispatcher, DispatchResult, ScoresFn
-from .swarm import SwarmView
-from .transport import Channels, Sessions
 
 
 class SwarmClient:
@@ -53,7 +52,7 @@ class SwarmClient:
         )
         self.metrics_port = None
         if metrics_port is not None:
-            from .metrics import serve_metrics
+            from coordinator.ops.metrics import serve_metrics
 
             self.metrics_port = serve_metrics(self.dispatcher.stats, metrics_port)
         self.io.run(self._start())

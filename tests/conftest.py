@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coordinator.client import SwarmClient
-from coordinator.local_swarm import LocalSwarm
+from coordinator.sim.local_swarm import LocalSwarm
 from protos import toy_model
 from protos.toy_model import ToyConfig
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from coordinator.client import SwarmClient
-from coordinator.gating import combine, topk_softmax
-from coordinator.toy_stack import LocalExperts, ToyMoEStack
+from coordinator.models.gating import combine, topk_softmax
+from coordinator.models.toy_stack import LocalExperts, ToyMoEStack
 from protos import toy_model
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from coordinator.bench import _rounds
+from coordinator.bench.benchmarks import _rounds
 
 
 @pytest.mark.parametrize(

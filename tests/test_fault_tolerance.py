@@ -12,11 +12,11 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from coordinator.client import SwarmClient
-from coordinator.gating import combine, renormalize_answered, topk_softmax
+from coordinator.dispatch.dispatcher import ExpertUnavailableError
+from coordinator.models.gating import combine, renormalize_answered, topk_softmax
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.models.tiny import VOCAB, save_tiny_checkpoint
-from coordinator.router import ExpertUnavailableError
-from coordinator.toy_stack import LocalExperts, ToyMoEStack
+from coordinator.models.toy_stack import LocalExperts, ToyMoEStack
 from protos import toy_model
 
 from .conftest import TINY, greedy, local_model

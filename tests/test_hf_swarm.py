@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from coordinator.client import SwarmClient
-from coordinator.local_swarm import LocalSwarm
+from coordinator.dispatch.dispatcher import DispatchResult, ExpertUnavailableError
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.models.tiny import FAMILIES, VOCAB, save_tiny_checkpoint
-from coordinator.router import DispatchResult, ExpertUnavailableError
+from coordinator.sim.local_swarm import LocalSwarm
 from peer.hf_experts import HFHostedExperts
 
 from .conftest import CUDA, greedy, local_model

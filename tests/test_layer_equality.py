@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coordinator.toy_stack import ToyMoEStack
+from coordinator.models.toy_stack import ToyMoEStack
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos import grpc_options, toy_model
@@ -57,7 +57,7 @@ def test_remote_layer_equals_local(swarm, client, tiny_checkpoint, tokens, layer
 
 
 def test_stack_through_swarm_equals_local_stack(client, tiny_checkpoint):
-    from coordinator.toy_stack import LocalExperts
+    from coordinator.models.toy_stack import LocalExperts
 
     remote = ToyMoEStack.from_checkpoint(tiny_checkpoint, client)
     local = ToyMoEStack.from_checkpoint(tiny_checkpoint, LocalExperts.from_checkpoint(tiny_checkpoint))
@@ -72,7 +72,7 @@ def test_stack_through_swarm_equals_local_stack(client, tiny_checkpoint):
 def test_megabyte_requests_hash_off_the_loop_and_still_match(client, tiny_checkpoint):
     """Payloads from DIGEST_OFFLOAD_BYTES up are hashed in a worker thread on both sides (the
     smaller ones inline): the receipts must verify and the outputs match either way."""
-    from coordinator.toy_stack import LocalExperts
+    from coordinator.models.toy_stack import LocalExperts
     from protos.envelope import DIGEST_OFFLOAD_BYTES
 
     uids = toy_model.read_manifest(tiny_checkpoint).uids()[: TINY.num_experts]

@@ -11,9 +11,9 @@ from .test_stream import _in_a_fresh_process, _in_process_peer
 
 
 def _liar_scenario() -> dict[str, object]:
-    from coordinator.router import Dispatcher
-    from coordinator.swarm import Replica
-    from coordinator.transport import Channels, Sessions
+    from coordinator.dispatch.dispatcher import Dispatcher
+    from coordinator.dispatch.swarm import Replica
+    from coordinator.dispatch.transport import Channels, Sessions
     from protos.envelope import Identity
     from protos.records import PeerRecord, PeerState
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coordinator.health import HealthCache
-from coordinator.router import Dispatcher, group_by_expert
-from coordinator.swarm import Replica
+from coordinator.dispatch.dispatcher import Dispatcher, group_by_expert
+from coordinator.dispatch.health import HealthCache
+from coordinator.dispatch.swarm import Replica
 from protos.records import PeerRecord, PeerState
 
 

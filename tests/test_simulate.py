@@ -19,7 +19,7 @@ import grpc
 import psutil
 import pytest
 
-from coordinator.sim_schedule import FaultEvent, load_schedule, make_schedule, plan_peers, save_schedule
+from coordinator.sim.schedule import FaultEvent, load_schedule, make_schedule, plan_peers, save_schedule
 from peer.impair import Impairment
 from peer.server import RequestError
 

@@ -155,7 +155,7 @@ def test_a_streamed_request_past_its_budget_is_refused_not_computed():
 
 
 def _coordinator_stream_scenario() -> dict[str, object]:
-    from coordinator.transport import Channels
+    from coordinator.dispatch.transport import Channels
 
     async def scenario() -> dict[str, object]:
         # answers wait 300 ms after compute: long enough for a caller to give up first

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hivemind.utils import get_dht_time
 
-from coordinator.swarm import Replica, SwarmView
+from coordinator.dispatch.swarm import Replica, SwarmView
 from protos.records import PeerRecord, PeerState
 
 

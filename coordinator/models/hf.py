@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from coordinator.models.gating import renormalize_answered
+from coordinator.models.remote_moe import ExpertExecutor
 from protos.hf_checkpoint import HFCheckpoint, HFManifest, experts_class, load_manifest, takes_scaled_inputs
 from protos.records import expert_uid
-
-from ..gating import renormalize_answered
-from ..remote_moe import ExpertExecutor
 
 
 class RemoteExperts(nn.Module):

@@ -147,3 +147,11 @@ def save_tiny_checkpoint(
     model.save_pretrained(path, save_original_format=not stacked)
     build_tokenizer().save_pretrained(path)
     return path
+
+
+def ensure_tiny_checkpoint(cache: Path, family: str, seed: int) -> Path:
+    """Build the seeded checkpoint once; reuse it afterwards."""
+    path = cache / f"tiny-{family}-s{seed}"
+    if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+        save_tiny_checkpoint(path, family, seed=seed)
+    return path

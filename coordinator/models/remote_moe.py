@@ -7,10 +7,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from coordinator.dispatch.dispatcher import DispatchResult, ScoresFn
+from coordinator.models.gating import combine, renormalize_answered, topk_softmax
 from protos.records import expert_uid
-
-from .gating import combine, renormalize_answered, topk_softmax
-from .router import DispatchResult, ScoresFn
 
 
 class ExpertExecutor(Protocol):

@@ -15,7 +15,7 @@ from protos.plumbing.files import write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coordinator.hivemind_baseline")
+    parser = argparse.ArgumentParser(prog="python -m coordinator.bench.hivemind_baseline")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--initial-peers", nargs="*", default=[])

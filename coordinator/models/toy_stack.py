@@ -11,12 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from coordinator.dispatch.dispatcher import DispatchResult, ScoresFn
+from coordinator.models.remote_moe import ExpertExecutor, RemoteMoE
 from protos import toy_model
 from protos.records import expert_uid
 from protos.toy_model import EXPERT_PARAMS, Manifest
-
-from .remote_moe import ExpertExecutor, RemoteMoE
-from .router import DispatchResult, ScoresFn
 
 
 class ToyMoEStack(nn.Module):

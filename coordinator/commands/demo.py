@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from coordinator.client import SwarmClient
+from coordinator.commands.generate import greedy
+from coordinator.models.hf import checkpoint_info, load_swarm_model
+from coordinator.models.tiny import ensure_tiny_checkpoint
+from coordinator.ops.report import print_swarm_summary
+from coordinator.sim.local_swarm import LocalSwarm
 from protos.expert_spec import expert_slices
-
-from .client import SwarmClient
-from .generate import greedy
-from .local_swarm import LocalSwarm
-from .models.hf import checkpoint_info, load_swarm_model
-from .report import print_swarm_summary
 
 TOLERANCE = 1e-5
 
@@ -33,16 +33,6 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="the swarm of experts")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--cache", type=Path, default=Path(".cache"), help="where the seeded checkpoint is kept")
-
-
-def ensure_tiny_checkpoint(cache: Path, family: str, seed: int) -> Path:
-    """Build the seeded checkpoint once; reuse it afterwards."""
-    from .models.tiny import save_tiny_checkpoint
-
-    path = cache / f"tiny-{family}-s{seed}"
-    if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
-        save_tiny_checkpoint(path, family, seed=seed)
-    return path
 
 
 def run_demo(args: argparse.Namespace) -> int:

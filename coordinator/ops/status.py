@@ -208,7 +208,7 @@ def resolve_uids(args: argparse.Namespace) -> tuple[str, list[str] | None, str]:
         if (folder / toy_model.MANIFEST).is_file():
             manifest = toy_model.read_manifest(folder)
             return manifest.model_id, manifest.uids(), "checkpoint"
-        from .models.hf import checkpoint_info
+        from coordinator.models.hf import checkpoint_info
 
         info = checkpoint_info(folder)
         return info.manifest.model_id, info.uids, "checkpoint"

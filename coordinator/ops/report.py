@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .router import DispatchStats
-from .stats import percentile
+from coordinator.dispatch.dispatcher import DispatchStats
+from coordinator.dispatch.stats import percentile
 
 
 def peers_table(

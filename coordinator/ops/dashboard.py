@@ -1,7 +1,7 @@
 """`moe-swarm dashboard`: a live web page of what `moe-swarm status` shows.
 
 The coverage map (layers x experts, each cell coloured by its serving replicas and shaded by
-their load) and the peers' health, from the same DHT reads as `status` (coordinator/status.py).
+their load) and the peers' health, from the same DHT reads as `status` (coordinator/ops/status.py).
 One background thread runs an asyncio loop that re-reads the DHT every --refresh seconds and
 swaps in a new snapshot; HTTP handlers only serve that snapshot, so page views never cost DHT
 lookups. The page (dashboard.html, next to this file) polls GET /api/status.
@@ -21,9 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from coordinator.ops.status import add_swarm_view_args, collect, join_swarm, resolve_uids
 from protos.plumbing.files import write_json_atomic
-
-from .status import add_swarm_view_args, collect, join_swarm, resolve_uids
 
 PAGE = Path(__file__).with_name("dashboard.html")
 FIRST_SNAPSHOT_WAIT = 60.0  # seconds the ready file waits for the first DHT read (a scan takes a few lookups)

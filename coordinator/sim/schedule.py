@@ -2,7 +2,7 @@
 
 Everything here is a pure function of the configuration and `--seed` (or of a schedule
 file), so two runs with the same seed meet the same faults in the same order; only the
-timings are real. The simulator itself (coordinator/simulate.py) executes the plan.
+timings are real. The simulator itself (coordinator/sim/simulate.py) executes the plan.
 """
 
 from __future__ import annotations

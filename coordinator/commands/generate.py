@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from coordinator.client import SwarmClient
+from coordinator.dispatch.dispatcher import FALLBACK_POLICIES
+from coordinator.models.hf import checkpoint_info, load_swarm_model
+from coordinator.ops.report import print_swarm_summary
 from protos import tensors
 from protos.envelope import Identity
-
-from .client import SwarmClient
-from .models.hf import checkpoint_info, load_swarm_model
-from .report import print_swarm_summary
-from .router import FALLBACK_POLICIES
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:

@@ -25,14 +25,13 @@ import grpc
 import numpy as np
 import torch
 
+from coordinator.dispatch.health import HealthCache
+from coordinator.dispatch.swarm import Replica, SwarmView
+from coordinator.dispatch.transport import Channels, Sessions
 from protos import envelope, sealed, tensors
 from protos import expert_service_pb2 as pb
 from protos.envelope import EnvelopeError
 from protos.records import parse_expert_uid
-
-from .health import HealthCache
-from .swarm import Replica, SwarmView
-from .transport import Channels, Sessions
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,19 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .client import SwarmClient
-from .local_swarm import LaunchError, LocalSwarm, Process
-from .router import FALLBACK_POLICIES, DispatchStats
-from .sim_schedule import DOWN_ACTIONS, FaultEvent, PeerPlan, load_schedule, make_schedule, parse_weights, plan_peers
-from .stats import percentile
+from coordinator.client import SwarmClient
+from coordinator.dispatch.dispatcher import FALLBACK_POLICIES, DispatchStats
+from coordinator.dispatch.stats import percentile
+from coordinator.sim.local_swarm import LaunchError, LocalSwarm, Process
+from coordinator.sim.schedule import (
+    DOWN_ACTIONS,
+    FaultEvent,
+    PeerPlan,
+    load_schedule,
+    make_schedule,
+    parse_weights,
+    plan_peers,
+)
 
 TICK_S = 0.1
 SAMPLE_S = 0.5  # peer-count timeline resolution
@@ -95,12 +103,10 @@ class Workload:
 def generation_workload(args: argparse.Namespace) -> Workload:
     from transformers import AutoModelForCausalLM
 
+    from coordinator.commands.generate import greedy
+    from coordinator.models.hf import checkpoint_info, load_swarm_model
+    from coordinator.models.tiny import VOCAB, ensure_tiny_checkpoint
     from protos.hf_checkpoint import HFCheckpoint
-
-    from .demo import ensure_tiny_checkpoint
-    from .generate import greedy
-    from .models.hf import checkpoint_info, load_swarm_model
-    from .models.tiny import VOCAB
 
     ckpt = ensure_tiny_checkpoint(args.cache, args.family, args.model_seed)
     info = checkpoint_info(ckpt)
@@ -126,10 +132,9 @@ def generation_workload(args: argparse.Namespace) -> Workload:
 
 
 def layer_workload(args: argparse.Namespace) -> Workload:
+    from coordinator.models.toy_stack import LocalExperts, ToyMoEStack
     from protos import toy_model
     from protos.toy_model import ToyConfig
-
-    from .toy_stack import LocalExperts, ToyMoEStack
 
     config = ToyConfig(num_layers=2, num_experts=8, hidden_dim=64, ffn_dim=128, top_k=2)
     ckpt = args.cache / f"toy-s{args.model_seed}"

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .stats import percentile
+from coordinator.dispatch.stats import percentile
 
 BAN_BASE_S = 1.0
 BAN_MAX_S = 60.0

@@ -18,16 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from coordinator.bench.timing import summary, time_calls
+from coordinator.client import SwarmClient
+from coordinator.models.gating import topk_softmax
+from coordinator.models.toy_stack import LocalExperts, ToyMoEStack
+from coordinator.sim.local_swarm import LocalSwarm
 from protos import tensors, toy_model
 from protos.expert_spec import expert_slices
 from protos.plumbing.dht import fork_safe_gc
 from protos.toy_model import ToyConfig
-
-from .client import SwarmClient
-from .gating import topk_softmax
-from .local_swarm import LocalSwarm
-from .stats import summary, time_calls
-from .toy_stack import LocalExperts, ToyMoEStack
 
 
 def hivemind_matched_ffn(hidden: int) -> int:
@@ -75,9 +74,9 @@ def run_generate_bench(args: argparse.Namespace) -> dict:
     """Greedy generation tokens/s through a local swarm vs the same model run locally, same run."""
     from transformers import AutoModelForCausalLM
 
-    from .generate import greedy
-    from .models.hf import checkpoint_info, load_swarm_model
-    from .models.tiny import VOCAB, save_tiny_checkpoint
+    from coordinator.commands.generate import greedy
+    from coordinator.models.hf import checkpoint_info, load_swarm_model
+    from coordinator.models.tiny import VOCAB, save_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
         ckpt = save_tiny_checkpoint(
@@ -137,7 +136,7 @@ def run_straggler_bench(args: argparse.Namespace) -> dict:
     stalled peer (SIGSTOP), hedging on and off, all in one run."""
     import signal as signals
 
-    from .stats import percentile
+    from coordinator.dispatch.stats import percentile
 
     config = ToyConfig(num_layers=1, num_experts=8, hidden_dim=args.hidden, ffn_dim=2 * args.hidden, top_k=2)
     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
@@ -228,7 +227,7 @@ def run_saturation_bench(args: argparse.Namespace) -> dict:
     """Rows/s one peer serves with many layer calls in flight vs its experts' raw rows/s in-process."""
     import asyncio
 
-    from .toy_stack import LocalExperts
+    from coordinator.models.toy_stack import LocalExperts
 
     ffn = args.ffn or hivemind_matched_ffn(args.hidden)
     config = ToyConfig(num_layers=1, num_experts=8, hidden_dim=args.hidden, ffn_dim=ffn, top_k=2)
@@ -340,7 +339,7 @@ def _hivemind_layer(swarm: LocalSwarm, args: argparse.Namespace) -> Iterator[nn.
         "hivemind-server",
         [
             "-m",
-            "coordinator.hivemind_baseline",
+            "coordinator.bench.hivemind_baseline",
             "--experts",
             str(args.experts),
             "--hidden",

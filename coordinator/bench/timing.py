@@ -1,4 +1,4 @@
-"""Small timing helpers shared by the demo and the benchmarks."""
+"""Timing helpers for the benchmarks."""
 
 from __future__ import annotations
 
@@ -6,16 +6,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-
-def percentile(values: list[float], q: float) -> float:
-    """q in [0, 100], linear interpolation; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+from coordinator.dispatch.stats import percentile
 
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
