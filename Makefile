@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint protos bench-layer clean chromium
+.PHONY: demo test test-fast lint protos bench-layer clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP) chromium
 	@# pytest exits 5 when it collects nothing: report it plainly instead of a bare make error
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is empty" >&2; exit 0; fi; exit $$rc
+
+# the pure-logic subset (tests marked unit: no processes, enforced by tests/conftest.py), < 1 min
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -99,3 +104,35 @@ def local_model(ckpt: Path):
 def greedy(model, ids: torch.Tensor, n: int = 20) -> torch.Tensor:
     with torch.inference_mode():
         return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+
+
+@contextlib.contextmanager
+def _no_processes(item: pytest.Item) -> Iterator[None]:
+    """`-m unit` is the fast subset (`make test-fast`): pure logic, no processes. A test marked
+    unit that starts one (a subprocess, or a fork such as a DHT node's), in its body or in any
+    fixture it sets up, fails here: the subset stays fast by construction, not by convention."""
+    if item.get_closest_marker("unit") is None:
+        yield
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{item.nodeid} is marked unit but starts a process")
+
+    with (
+        mock.patch.object(subprocess.Popen, "_execute_child", refuse),
+        mock.patch.object(os, "fork", refuse),
+        mock.patch.object(os, "posix_spawn", refuse),
+    ):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _no_processes(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _no_processes(item):
+        yield
