@@ -129,6 +129,8 @@ class Identity:
     @classmethod
     def load(cls, path: str | Path) -> Identity:
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"key file {path} is a directory: give the path of a file (created if absent)")
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise PermissionError(f"key file {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")

@@ -90,7 +90,9 @@ def test_conflicting_env_vars_are_a_usage_error(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         serve()
     assert e.value.code == 2
-    assert "MOE_PEER_MODEL and MOE_PEER_SEED are mutually exclusive" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "MOE_PEER_MODEL and MOE_PEER_SEED are mutually exclusive" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(
@@ -113,6 +115,7 @@ def test_bad_settings_are_clear_usage_errors(tmp_path, monkeypatch, capsys, toml
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err, err
+    assert len(err.strip().splitlines()) == 1, f"one line, no usage block: {err}"
 
 
 def test_bad_config_file_from_the_real_cli_is_an_error_line_not_a_traceback(tmp_path):

@@ -30,6 +30,13 @@ def test_readable_key_file_is_refused_with_the_fix(tmp_path):
         Identity.load(path)
 
 
+def test_a_directory_as_key_file_is_named_as_such(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        Identity.load(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        Identity.load_or_create(tmp_path)
+
+
 def test_keygen_cli(tmp_path):
     path = tmp_path / "k"
     run = subprocess.run([sys.executable, "-m", "peer", "keygen", str(path)], capture_output=True, text=True)

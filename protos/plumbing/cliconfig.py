@@ -252,7 +252,7 @@ def _parse_layered(
         try:
             file_values = _file_values(load_config(config), config, tree)
         except ValueError as e:
-            root.error(str(e))
+            _fail(root, str(e))
 
     saved: list[tuple[Any, str, Any]] = []  # (object, attribute, value) to restore after parsing
 
@@ -293,6 +293,12 @@ def _parse_layered(
     return ns, rest
 
 
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """A value from the environment or a config file is wrong: one line naming it, exit 2. The
+    usage block argparse prints for command-line mistakes would only bury it."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
 def _invoked(root: argparse.ArgumentParser, ns: argparse.Namespace) -> list[argparse.ArgumentParser]:
     """The chain of parsers the command line went through (root, subcommand, sub-subcommand...)."""
     chain, p = [root], root
@@ -323,7 +329,7 @@ def _resolve(root: argparse.ArgumentParser, ns: argparse.Namespace, actions: dic
             try:
                 setattr(ns, dest, _convert(action, value.value, value.origin, from_env=value.source == "env"))
             except ValueError as e:
-                leaf.error(str(e))
+                _fail(leaf, str(e))
         sources[dest] = value.source
     for p in chain:
         for group in p._mutually_exclusive_groups:
@@ -335,7 +341,7 @@ def _resolve(root: argparse.ArgumentParser, ns: argparse.Namespace, actions: dic
             winners = [a for rank, a in given if rank == best]
             if len(winners) > 1:  # argparse already rejects two on the command line
                 names = " and ".join(origins.get(a.dest, f"--{flag_name(a)}") for a in winners)
-                p.error(f"{names} are mutually exclusive")
+                _fail(p, f"{names} are mutually exclusive")
             for rank, a in given:
                 if rank != best:
                     setattr(ns, a.dest, a.default)  # a lower-precedence source loses to the winner
