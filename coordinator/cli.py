@@ -26,13 +26,11 @@ from protos.plumbing.files import write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.bench.benchmarks import (
-        add_generate_bench_args,
-        add_layer_args,
-        add_saturation_bench_args,
-        add_security_bench_args,
-        add_straggler_bench_args,
-    )
+    from coordinator.bench.generate import add_generate_bench_args
+    from coordinator.bench.layer import add_layer_args
+    from coordinator.bench.saturation import add_saturation_bench_args
+    from coordinator.bench.security import add_security_bench_args
+    from coordinator.bench.straggler import add_straggler_bench_args
     from coordinator.commands.demo import add_demo_args
     from coordinator.commands.generate import add_generate_args
     from coordinator.ops.dashboard import add_dashboard_args
@@ -133,14 +131,14 @@ def run_command(args: argparse.Namespace) -> int:
 
         return run_generate(args)
     if args.command == "bench":
-        from coordinator.bench import benchmarks as bench
+        from coordinator.bench import generate, layer, saturation, security, straggler
 
         run = {
-            "layer": bench.run_layer_bench,
-            "generate": bench.run_generate_bench,
-            "straggler": bench.run_straggler_bench,
-            "saturation": bench.run_saturation_bench,
-            "security": bench.run_security_bench,
+            "layer": layer.run_layer_bench,
+            "generate": generate.run_generate_bench,
+            "straggler": straggler.run_straggler_bench,
+            "saturation": saturation.run_saturation_bench,
+            "security": security.run_security_bench,
         }[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0

@@ -23,7 +23,7 @@ REFRESH_PERIOD = 1.0
 PEER_SPECS = {"peer-a": "*:0-3", "peer-b": "*:4-7"}
 MAX_ROWS = 4096
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-# tests of the GPU path: they run where torch sees a CUDA device (bench/gpu_check.sh), skip elsewhere
+# tests of the GPU path: they run where torch sees a CUDA device (coordinator/bench/gpu_check.sh), skip elsewhere
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from coordinator.bench.benchmarks import _rounds
+from coordinator.bench.timing import spread
 
 
 @pytest.mark.parametrize(
@@ -16,7 +16,7 @@ from coordinator.bench.benchmarks import _rounds
     [(200, 5, [40] * 5), (7, 3, [3, 2, 2]), (15, 5, [3] * 5), (2, 4, [1, 1, 1, 1])],
 )
 def test_timed_calls_are_spread_over_the_rounds(total, rounds, blocks):
-    assert _rounds(total, rounds) == blocks
+    assert spread(total, rounds) == blocks
 
 
 def test_layer_bench_against_hivemind_in_alternating_rounds(tmp_path):

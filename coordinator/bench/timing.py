@@ -23,3 +23,8 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[
 
 def summary(times: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(times), "p99_ms": percentile(times, 99), "n": len(times)}
+
+
+def spread(total: int, rounds: int) -> list[int]:
+    """`total` calls spread over `rounds` blocks as evenly as possible (every block >= 1)."""
+    return [max(1, total // rounds + (i < total % rounds)) for i in range(rounds)]

@@ -2,7 +2,7 @@
 and latency (real hivemind DHT nodes with our validators, on 127.0.0.1), and the Forward
 request/response bytes per token of one layer call.
 
-    .venv/bin/python bench/scale_costs.py --nodes 16 --experts-per-peer 16 --json scale.json
+    python -m coordinator.bench.scale_costs --nodes 16 --experts-per-peer 16 --json scale.json
 
 Bytes are protobuf payloads of hivemind's DHT RPCs, counted where P2P serializes them
 (libp2p framing and Noise encryption add a few percent); hop counts and latencies on
@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,19 +35,24 @@ from protos.validation import dht_validators, owner_subkey
 
 CALLS: Counter = Counter()
 BYTES: Counter = Counter()
-_original = P2P._call_unary_protobuf_handler
 
 
-async def _counting(self, peer_id, handle_name, input, output_protobuf_type):
-    response = await _original(self, peer_id, handle_name, input, output_protobuf_type)
-    name = handle_name.rsplit(".", 1)[-1]
-    CALLS[name] += 1
-    BYTES[name + ".request"] += input.ByteSize()
-    BYTES[name + ".response"] += response.ByteSize()
-    return response
+def count_dht_rpcs() -> None:
+    """Count every DHT RPC and its payload bytes in this process (instrumentation, not a mock)."""
+    original = P2P._call_unary_protobuf_handler
+    if getattr(original, "counting", False):
+        return
 
+    async def counting(self, peer_id, handle_name, input, output_protobuf_type):
+        response = await original(self, peer_id, handle_name, input, output_protobuf_type)
+        name = handle_name.rsplit(".", 1)[-1]
+        CALLS[name] += 1
+        BYTES[name + ".request"] += input.ByteSize()
+        BYTES[name + ".response"] += response.ByteSize()
+        return response
 
-P2P._call_unary_protobuf_handler = _counting  # measure every DHT RPC's payload (instrumentation, not a mock)
+    counting.counting = True
+    P2P._call_unary_protobuf_handler = counting
 
 
 def snapshot() -> tuple[Counter, Counter]:
@@ -77,23 +83,46 @@ def peer_record(identity: Identity, owner: bytes) -> PeerRecord:
     )
 
 
-async def measure_dht(nodes: int, experts_per_peer: int, lookups: int, replicas: int = 1) -> dict:
-    keys = [RSAPrivateKey() for _ in range(nodes)]
+async def _start_nodes(keys: list[RSAPrivateKey]) -> list[DHTNode]:
+    """One DHT node per key on 127.0.0.1, the first the others' bootstrap."""
     dhts = [
         await DHTNode.create(
             record_validator=CompositeValidator(dht_validators(keys[0])), host_maddrs=["/ip4/127.0.0.1/tcp/0"]
         )
     ]
     boot = [str(m) for m in await dhts[0].get_visible_maddrs()]
-    for i in range(1, nodes):
+    for key in keys[1:]:
         dhts.append(
             await DHTNode.create(
                 initial_peers=boot,
-                record_validator=CompositeValidator(dht_validators(keys[i])),
+                record_validator=CompositeValidator(dht_validators(key)),
                 host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                 cache_locally=False,  # a lookup must go to the network, as the first one of a fresh coordinator does
             )
         )
+    return dhts
+
+
+async def _lookups(dhts: list[DHTNode], keys_of: Callable[[int], list[str]], lookups: int, must_find: bool) -> dict:
+    """`lookups` lookups from the nodes past the two that stored (the coordinator's swarm refresh):
+    RPCs and bytes per lookup, and the median ms."""
+    ms = []
+    before = snapshot()
+    for i in range(lookups):
+        node, keys = dhts[2 + i % (len(dhts) - 2)], keys_of(i)
+        start = time.perf_counter()
+        found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+        ms.append((time.perf_counter() - start) * 1e3)
+        assert not must_find or found[keys[0]] is not None
+    per_lookup = {k: v / lookups if isinstance(v, int) else v for k, v in diff(before).items()}
+    return {**per_lookup, "ms_median": round(statistics.median(ms), 2)}
+
+
+async def measure_dht(nodes: int, experts_per_peer: int, lookups: int, replicas: int = 1) -> dict:
+    from hivemind.utils import MSGPackSerializer
+
+    keys = [RSAPrivateKey() for _ in range(nodes)]
+    dhts = await _start_nodes(keys)
     try:
         uids = [expert_uid("mixtral-0123456789abcdef", layer, e) for layer in range(32) for e in range(8)]
         owner = owner_subkey(keys[1])
@@ -113,41 +142,17 @@ async def measure_dht(nodes: int, experts_per_peer: int, lookups: int, replicas:
         store_ms = (time.perf_counter() - start) * 1e3
         announce = diff(before)
         assert all(ok.values()), ok
-        # lookups of the same keys from other nodes (the coordinator's swarm refresh)
-        one_ms, all_ms = [], []
-        before_one = snapshot()
-        for i in range(lookups):
-            node = dhts[2 + i % (nodes - 2)]
-            start = time.perf_counter()
-            found = await node.get_many([mine[i % len(mine)]], sufficient_expiration_time=float("inf"))
-            one_ms.append((time.perf_counter() - start) * 1e3)
-            assert found[mine[i % len(mine)]] is not None
-        lookup_one = diff(before_one)
-        before_all = snapshot()
-        for i in range(lookups):
-            node = dhts[2 + i % (nodes - 2)]
-            start = time.perf_counter()
-            await node.get_many(mine, sufficient_expiration_time=float("inf"))
-            all_ms.append((time.perf_counter() - start) * 1e3)
-        lookup_all = diff(before_all)
-        from hivemind.utils import MSGPackSerializer
-
-        value_bytes = len(MSGPackSerializer.dumps(record.to_dict()))
+        lookup_one = await _lookups(dhts, lambda i: [mine[i % len(mine)]], lookups, must_find=True)
+        lookup_all = await _lookups(dhts, lambda _: mine, lookups, must_find=False)
         return {
             "nodes": nodes,
             "replicas": replicas,
             "experts_per_peer": experts_per_peer,
-            "record_value_bytes_unsigned": value_bytes,
+            "record_value_bytes_unsigned": len(MSGPackSerializer.dumps(record.to_dict())),
             "subkey_bytes": len(MSGPackSerializer.dumps(owner)),
             "announce": {**announce, "ms": round(store_ms, 2), "per_expert_bytes": announce["total_bytes"] / len(mine)},
-            "lookup_one_key": {
-                **{k: v / lookups if isinstance(v, int) else v for k, v in lookup_one.items()},
-                "ms_median": round(statistics.median(one_ms), 2),
-            },
-            "lookup_all_keys": {
-                **{k: v / lookups if isinstance(v, int) else v for k, v in lookup_all.items()},
-                "ms_median": round(statistics.median(all_ms), 2),
-            },
+            "lookup_one_key": lookup_one,
+            "lookup_all_keys": lookup_all,
         }
     finally:
         for node in dhts:
@@ -206,14 +211,19 @@ def measure_rpc(hidden: int, k: int, dtype: torch.dtype) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m coordinator.bench.scale_costs", description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=16)
     p.add_argument("--experts-per-peer", type=int, default=16)
     p.add_argument("--lookups", type=int, default=20)
     p.add_argument("--replicas", type=int, default=1, help="peers serving each measured expert (< nodes)")
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    count_dht_rpcs()
     result = {
         "record": measure_validation(),
         "dht": asyncio.run(measure_dht(args.nodes, args.experts_per_peer, args.lookups, args.replicas)),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU peer's checks in one run, for a machine with a CUDA device (peers there default to
-# --device cuda, so every integration test below serves its experts from the GPU):
+# --device cuda, so every integration test below serves its experts from the GPU). Run from the
+# repository root: bash coordinator/bench/gpu_check.sh
 #   1. the expert math on the GPU in float32/bfloat16/float16 against float64, and the
 #      integration tests (layer and model equality, bad input, receipts) with CUDA peers;
 #   2. `bench layer` (the issue-2 workload, hivemind's server on CPU as always);
@@ -10,6 +11,7 @@
 # installed first when present. Each step has its own time limit and a failed step does not
 # stop the next one.
 set -u
+cd "$(dirname "$0")/../.."  # the repository root: PYTHONPATH and the test paths below are relative to it
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -35,10 +37,10 @@ step tests 200 python3 -m pytest -q -p no:cacheprovider $parallel -rfE tests/tes
   tests/test_layer_equality.py tests/test_bad_input.py tests/test_receipts.py tests/test_hf_swarm.py
 step bench-layer 80 python3 -m coordinator bench layer --experts 8 --k 2 --hidden 256 --tokens 64 \
   --compare-hivemind --json "$OUT/bench-layer-gpu.json"
-step experts-mixtral 80 python3 bench/cuda_experts.py --hidden 4096 --ffn 14336 --experts 8 --k 2 \
+step experts-mixtral 80 python3 -m coordinator.bench.cuda_experts --hidden 4096 --ffn 14336 --experts 8 --k 2 \
   --json "$OUT/cuda-experts-mixtral.json"
-step experts-olmoe 60 python3 bench/cuda_experts.py --hidden 2048 --ffn 1024 --experts 64 --k 8 \
+step experts-olmoe 60 python3 -m coordinator.bench.cuda_experts --hidden 2048 --ffn 1024 --experts 64 --k 8 \
   --json "$OUT/cuda-experts-olmoe.json"
-step experts-qwen 60 python3 bench/cuda_experts.py --hidden 2048 --ffn 1408 --experts 60 --k 4 \
+step experts-qwen 60 python3 -m coordinator.bench.cuda_experts --hidden 2048 --ffn 1408 --experts 60 --k 4 \
   --json "$OUT/cuda-experts-qwen.json"
 step security 75 python3 -m coordinator bench security --json "$OUT/bench-security-gpu.json"
