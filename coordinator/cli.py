@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_bootstrap(args)
     if args.command in ("demo", "bench", "simulate"):
         # these share the machine's cores with the peers they start: one torch thread here
-        # stops OpenMP spin-waiting from starving them (16-token layer calls 87 ms -> 12 ms)
+        # stops OpenMP spin-waiting from starving them
         import torch
 
         torch.set_num_threads(1)

@@ -5,7 +5,7 @@
   and the RSA key hivemind's RSASignatureValidator signs DHT records with.
 - Session: the coordinator sends an ephemeral X25519 key and a signed hello; both sides run
   X25519 + HKDF-SHA256 into a session id and one AES-256-GCM key per direction (AES-GCM:
-  3x faster than ChaCha20-Poly1305 with AES-NI, measured in DESIGN.md).
+  faster than ChaCha20-Poly1305 on CPUs with AES-NI; docs/benchmarks.md has the figures).
 - Sealing: nonces are per-direction counters (a request's counter also seals its answer, under
   the other key); associated data binds session, request id, counter, timestamp, deadline,
   expert segments, dtype and shape, so a header cannot be moved onto another payload.
@@ -281,15 +281,15 @@ def response_header(request_header_bytes: bytes, dtype: str, shape: Sequence[int
     return hashlib.sha256(request_header_bytes).digest() + json.dumps([dtype, list(shape)]).encode()
 
 
-# Below this many payload bytes a digest is computed inline: BLAKE3 takes ~30 us per 128 KB,
-# less than handing the work to another thread and waking back up (on a 2-core VM, 0.1-0.3 ms).
+# Below this many payload bytes a digest is computed inline: hashing costs less than handing
+# the work to another thread and waking back up (docs/benchmarks.md, primitives).
 DIGEST_OFFLOAD_BYTES = 1 << 20
 
 
 def digest(header: bytes, payload: bytes | memoryview) -> bytes:
     """BLAKE3 of a header and its plaintext payload: what receipts sign. Every call hashes its
-    payload on both sides, so the hash's speed is a per-byte cost of the whole swarm (BLAKE3:
-    3-6x SHA-256 here); it releases the GIL on large inputs, so it overlaps compute."""
+    payload on both sides, so the hash's speed is a per-byte cost of the whole swarm (BLAKE3
+    is several times faster than SHA-256 on CPU); it releases the GIL on large inputs, so it overlaps compute."""
     h = blake3.blake3(header)
     h.update(payload)
     return h.digest()
