@@ -3,8 +3,8 @@
 The file holds the real bytes where they were downloaded and holes elsewhere, so safetensors
 and transformers open the folder as a normal checkpoint and touch only the bytes they read.
 The ledger (JSON, written atomically) lists the byte ranges held: a restart resumes from it
-and never downloads them again. It is written after the bytes it lists, so a crash can lose
-the record of some bytes (they are downloaded again), never claim bytes that are not there.
+and never downloads them again. It is written after the bytes it lists are synced, so a crash
+can lose the record of some bytes (they are downloaded again), never claim bytes that are not there.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class PartialFile:
         self.name, self.size, self.sha256 = name, size, sha256
         self.header_len: int | None = None
         self.held: list[Span] = []
+        self._fd: int | None = None  # open while bytes stream in; closed by save()
         if self.ledger.is_file():
             doc = json.loads(self.ledger.read_text())
             if (doc["size"], doc["sha256"]) != (size, sha256):
@@ -48,20 +49,18 @@ class PartialFile:
         return total(self.held)
 
     def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(fd).st_size != self.size:
-            os.ftruncate(fd, self.size)  # sparse: takes no disk until written
-        return fd
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if os.fstat(self._fd).st_size != self.size:
+                os.ftruncate(self._fd, self.size)  # sparse: takes no disk until written
+        return self._fd
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         fd = self._open()
-        try:
-            written = 0
-            while written < len(data):
-                written += os.pwrite(fd, data[written:], offset + written)
-        finally:
-            os.close(fd)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], offset + written)
         self.held = coalesce([*self.held, (offset, offset + len(data))])
 
     def read(self, span: Span) -> bytes:
@@ -70,6 +69,10 @@ class PartialFile:
             return f.read(span[1] - span[0])
 
     def save(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)  # the bytes reach the disk before the ledger that lists them
+            os.close(self._fd)
+            self._fd = None
         self.ledger.parent.mkdir(parents=True, exist_ok=True)
         doc = {"size": self.size, "sha256": self.sha256, "header_len": self.header_len, "held": self.held}
         write_json_atomic(self.ledger, doc)
