@@ -5,7 +5,12 @@ Transformers writes experts either per expert (`...experts.3.w1.weight`,
 Llama4 and Granite always). Both are read here into one canonical per-expert form, the
 slice of transformers' in-memory stacked parameters: `gate_up_proj` (gate then up, along
 the output dimension: rows, or Llama4's columns), `down_proj`, and biases where the family
-has them. So the same weights give the same digests, hence the same model id, in either layout.
+has them. So the same weights give the same expert tensors in either layout.
+
+The model id is of the files, not of the experts: the config plus the SHA-256 of each weight
+file. Any side computes it without holding every expert's bytes (from the Hub, the LFS
+sha256s at a pinned commit); the same weights saved in another layout are other files, hence
+another id.
 
 Reads are partial: safetensors fetches only the requested tensors (or one slice of a
 stacked tensor), from whichever shard holds them (`model.safetensors.index.json`).
@@ -20,15 +25,19 @@ import os
 import re
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-MANIFEST = "moe_swarm_manifest.json"
-MANIFEST_FORMAT = "moe-swarm-hf/1"
+from protos.plumbing.files import write_json_atomic
+
+MANIFEST = "moe_swarm_manifest.json"  # SHA-256 of each weight file, by size and mtime
+MANIFEST_FORMAT = "moe-swarm-hf/2"
+SOURCE = "moe_swarm_source.json"  # in a partial download: where it came from, the Hub's sha256 of each file
 
 # per-expert key names -> canonical role
 _GATE, _UP, _DOWN = "gate", "up", "down"
@@ -62,18 +71,20 @@ class ExpertSource:
     stacked: bool
 
 
-class HFCheckpoint:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        config_file = self.path / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{self.path} is not a Hugging Face checkpoint: config.json is missing")
-        self.config: dict = json.loads(config_file.read_text())
-        self.model_type: str = self.config.get("model_type", "")
-        self.key_files = self._index_keys()
+class HFLayout:
+    """Which tensors of a checkpoint are routed experts, from its config and key -> file map alone
+    (no weight file is opened: a remote checkpoint is planned from this before any download)."""
+
+    def __init__(self, name: str, config: dict, key_files: dict[str, str]) -> None:
+        self.name = name
+        self.config = config
+        self.model_type: str = config.get("model_type", "")
+        self.key_files = key_files
         self.experts = self._find_experts()  # (layer, expert) -> {canonical name: [ExpertSource, ...]}
         if not self.experts:
-            raise CheckpointError(f"{self.path}: no MoE expert tensors found (model_type {self.model_type!r})")
+            raise CheckpointError(
+                f"{name}: no MoE expert tensors found (model_type {self.model_type!r}): not an MoE checkpoint"
+            )
         self.layers = sorted({layer for layer, _ in self.experts})
 
     @property
@@ -82,23 +93,14 @@ class HFCheckpoint:
 
     @property
     def num_experts(self) -> int:
-        for field in _NUM_EXPERTS_FIELDS:
-            if self.text_config.get(field):
-                return int(self.text_config[field])
-        raise CheckpointError(f"{self.path}: config names no expert count ({', '.join(_NUM_EXPERTS_FIELDS)})")
+        for name in _NUM_EXPERTS_FIELDS:
+            if self.text_config.get(name):
+                return int(self.text_config[name])
+        raise CheckpointError(f"{self.name}: config names no expert count ({', '.join(_NUM_EXPERTS_FIELDS)})")
 
-    def _index_keys(self) -> dict[str, str]:
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{self.path}: no *.safetensors files")
-        keys = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                keys.update(dict.fromkeys(f.keys(), file.name))
-        return keys
+    @property
+    def weight_files(self) -> list[str]:
+        return sorted(set(self.key_files.values()))
 
     def _find_experts(self) -> dict[tuple[int, int], dict[str, list[ExpertSource]]]:
         per_expert: dict[tuple[int, int], dict[str, str]] = defaultdict(dict)
@@ -113,7 +115,7 @@ class HFCheckpoint:
         found: dict[tuple[int, int], dict[str, list[ExpertSource]]] = {}
         for (layer, e), roles in per_expert.items():
             if set(roles) != {_GATE, _UP, _DOWN}:
-                raise CheckpointError(f"{self.path}: expert {layer}/{e} lacks { ({_GATE, _UP, _DOWN} - set(roles)) }")
+                raise CheckpointError(f"{self.name}: expert {layer}/{e} lacks { ({_GATE, _UP, _DOWN} - set(roles)) }")
             found[layer, e] = {
                 "gate_up_proj": [ExpertSource(roles[_GATE], False), ExpertSource(roles[_UP], False)],
                 "down_proj": [ExpertSource(roles[_DOWN], False)],
@@ -127,6 +129,30 @@ class HFCheckpoint:
 
     def expert_keys(self) -> set[str]:
         return {src.key for sources in self.experts.values() for srcs in sources.values() for src in srcs}
+
+
+class HFCheckpoint(HFLayout):
+    """A checkpoint folder: its layout, and its experts read one at a time."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.path} is not a Hugging Face checkpoint: config.json is missing")
+        super().__init__(str(self.path), json.loads(config_file.read_text()), self._index_keys())
+
+    def _index_keys(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no *.safetensors files")
+        keys = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                keys.update(dict.fromkeys(f.keys(), file.name))
+        return keys
 
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """The canonical tensors of one expert, reading only their bytes."""
@@ -160,56 +186,96 @@ def _short_name(model_type: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", model_type or "model").strip("-")[:32] or "model"
 
 
-def model_id_for(config: dict, digests: dict[str, str], model_type: str) -> str:
-    """Short name + digest of the config and the expert manifest."""
-    blob = json.dumps({"config": config, "experts": digests}, sort_keys=True).encode()
+def model_id_for(config: dict, file_sha256: dict[str, str], model_type: str) -> str:
+    """Short name + digest of the config and the SHA-256 of each weight file.
+
+    Any side computes it without the experts' bytes: from the Hub, the files' LFS sha256 at the
+    pinned commit; from a folder, the files hashed once (see `weight_file_sha256`).
+    """
+    blob = json.dumps({"config": config, "files": file_sha256}, sort_keys=True).encode()
     return f"{_short_name(model_type)}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+class _ExpertDigests(Mapping[str, str]):
+    """`layer/expert` -> digest of its canonical tensors, computed when asked (not part of the id)."""
+
+    def __init__(self, ckpt: HFCheckpoint) -> None:
+        self._ckpt = ckpt
+
+    def __getitem__(self, key: str) -> str:
+        layer, expert = (int(x) for x in key.split("/"))
+        return expert_digest(self._ckpt.read_expert(layer, expert))
+
+    def __iter__(self) -> Iterator[str]:
+        return (f"{layer}/{e}" for layer, e in sorted(self._ckpt.experts))
+
+    def __len__(self) -> int:
+        return len(self._ckpt.experts)
 
 
 @dataclass(frozen=True)
 class HFManifest:
     model_id: str
-    digests: dict[str, str]  # "layer/expert" -> digest of its canonical tensors
-
-
-def build_manifest(ckpt: HFCheckpoint) -> HFManifest:
-    digests = {f"{layer}/{e}": expert_digest(ckpt.read_expert(layer, e)) for layer, e in sorted(ckpt.experts)}
-    return HFManifest(model_id_for(ckpt.config, digests, ckpt.model_type), digests)
-
-
-def _fingerprint(ckpt: HFCheckpoint) -> dict[str, list[int]]:
-    """Sizes and mtimes of the files the manifest was computed from: a changed file invalidates it."""
-    names = sorted(set(ckpt.key_files.values()) | {"config.json"})
-    return {n: [os.stat(ckpt.path / n).st_size, os.stat(ckpt.path / n).st_mtime_ns] for n in names}
+    files: dict[str, str]  # weight file -> SHA-256 of its bytes
+    digests: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 def load_manifest(ckpt: HFCheckpoint, cache_dir: str | Path | None = None) -> HFManifest:
-    """The checkpoint's manifest: digests every expert once (one at a time), then caches it.
+    files = weight_file_sha256(ckpt, cache_dir)
+    return HFManifest(model_id_for(ckpt.config, files, ckpt.model_type), files, _ExpertDigests(ckpt))
 
-    The cache sits in the checkpoint folder when writable, else in `cache_dir` (or
-    ~/.cache/moe-swarm); it is recomputed whenever a weight file changes.
+
+def weight_file_sha256(ckpt: HFCheckpoint, cache_dir: str | Path | None = None) -> dict[str, str]:
+    """SHA-256 of each weight file of the folder.
+
+    A partial download (moe_swarm_source.json) names the Hub's sha256s: its sparse files are
+    never hashed. Otherwise each file is hashed once and the result cached by size and mtime,
+    in the folder when writable, else in `cache_dir` (or ~/.cache/moe-swarm).
     """
-    fingerprint = _fingerprint(ckpt)
+    names = ckpt.weight_files
+    source = ckpt.path / SOURCE
+    if source.is_file():
+        known = {name: info["sha256"] for name, info in json.loads(source.read_text())["files"].items()}
+        if missing := [n for n in names if n not in known]:
+            raise CheckpointError(f"{source}: no sha256 for {missing}")
+        return {n: known[n] for n in names}
     locations = [ckpt.path / MANIFEST]
     tag = hashlib.sha256(str(ckpt.path.resolve()).encode()).hexdigest()[:16]
     locations.append(Path(cache_dir or Path.home() / ".cache" / "moe-swarm") / f"{tag}-{MANIFEST}")
+    cached: dict[str, dict] = {}
     for file in locations:
         try:
             doc = json.loads(file.read_text())
         except (OSError, ValueError):
             continue
-        if doc.get("format") == MANIFEST_FORMAT and doc.get("files") == fingerprint:
-            return HFManifest(doc["model_id"], doc["experts"])
-    manifest = build_manifest(ckpt)
-    doc = {"format": MANIFEST_FORMAT, "model_id": manifest.model_id, "experts": manifest.digests, "files": fingerprint}
-    for file in locations:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps(doc, indent=1, sort_keys=True))
+        if doc.get("format") == MANIFEST_FORMAT:
+            cached = doc["files"]
             break
-        except OSError:
-            continue
-    return manifest
+    out, entries = {}, {}
+    for name in names:
+        st = os.stat(ckpt.path / name)
+        entry = cached.get(name, {})
+        if entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_file(ckpt.path / name)}
+        entries[name] = entry
+        out[name] = entry["sha256"]
+    if entries != {n: cached.get(n) for n in names}:
+        for file in locations:
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(file, {"format": MANIFEST_FORMAT, "files": entries}, indent=1, sort_keys=True)
+                break
+            except OSError:
+                continue
+    return out
+
+
+def _sha256_file(path: Path, block: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def experts_class(config) -> type[nn.Module]:

@@ -1,14 +1,16 @@
-"""Reading experts from HF checkpoints: layouts, shards, manifest cache, partial reads."""
+"""Reading experts from HF checkpoints: layouts, shards, model id of the files, partial reads."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
 from coordinator.models.tiny import build_tiny_model
-from protos.hf_checkpoint import CheckpointError, HFCheckpoint, load_manifest
+from protos.hf_checkpoint import CheckpointError, HFCheckpoint, expert_digest, load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def saved(tmp_path_factory):
     return root, model
 
 
-def test_every_layout_gives_the_same_experts_and_model_id(saved):
+def test_every_layout_gives_the_same_experts(saved):
     root, model = saved
     ckpts = {name: HFCheckpoint(root / name) for name in ("per_expert", "stacked", "sharded")}
     assert json.loads((root / "sharded" / "model.safetensors.index.json").read_text())  # really sharded
@@ -31,20 +33,42 @@ def test_every_layout_gives_the_same_experts_and_model_id(saved):
         got = ckpt.read_expert(1, 5)
         assert torch.equal(got["gate_up_proj"], experts.gate_up_proj[5])
         assert torch.equal(got["down_proj"], experts.down_proj[5])
-    assert len({load_manifest(c).model_id for c in ckpts.values()}) == 1
+    # the id is of the files: other layouts of the same weights are other files, other ids
+    assert len({load_manifest(c).model_id for c in ckpts.values()}) == 3
     # shared experts are dense: never listed as routed experts
     assert not any("shared_expert" in k for k in ckpts["per_expert"].expert_keys())
 
 
-def test_manifest_is_cached_and_invalidated_by_a_changed_file(saved, tmp_path):
+def test_model_id_is_of_the_files_hashed_once(saved, tmp_path):
     root, _ = saved
-    ckpt = HFCheckpoint(root / "per_expert")
+    ckpt = HFCheckpoint(root / "sharded")
     first = load_manifest(ckpt)
-    assert (root / "per_expert" / "moe_swarm_manifest.json").is_file()
+    assert first.model_id.startswith("qwen2-moe-") and set(first.files) == set(ckpt.weight_files)
+    cache = json.loads((root / "sharded" / "moe_swarm_manifest.json").read_text())
+    assert {n: e["sha256"] for n, e in cache["files"].items()} == first.files
     assert load_manifest(ckpt) == first
-    other = build_tiny_model("qwen2_moe", seed=9)
-    other.save_pretrained(tmp_path / "changed")
-    assert load_manifest(HFCheckpoint(tmp_path / "changed")).model_id != first.model_id
+    # same files elsewhere: same id; one byte changed in one file: another id
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "sharded", copy, ignore=shutil.ignore_patterns("moe_swarm_manifest.json"))
+    assert load_manifest(HFCheckpoint(copy)).model_id == first.model_id
+    shard = copy / ckpt.weight_files[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(1, 1))  # a new mtime: the cached sha256 no longer counts
+    changed = load_manifest(HFCheckpoint(copy))
+    assert changed.model_id != first.model_id
+    assert {n for n in first.files if first.files[n] != changed.files[n]} == {shard.name}
+
+
+def test_per_expert_digests_are_computed_on_demand(saved):
+    root, model = saved
+    manifest = load_manifest(HFCheckpoint(root / "stacked"))
+    experts = model.model.layers[0].mlp.experts
+    assert manifest.digests["0/3"] == expert_digest(
+        {"gate_up_proj": experts.gate_up_proj[3], "down_proj": experts.down_proj[3]}
+    )
+    assert len(manifest.digests) == 2 * 8
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
@@ -72,5 +96,4 @@ def test_llama4_experts_are_slices_of_its_stacked_tensors(tmp_path):
         got = ckpt.read_expert(3, 6)
         assert torch.equal(got["gate_up_proj"], experts.gate_up_proj[6])
         assert torch.equal(got["down_proj"], experts.down_proj[6])
-    ids = {load_manifest(c).model_id for c in ckpts}
-    assert len(ids) == 1 and ids.pop().startswith("llama4-text-")
+    assert all(load_manifest(c).model_id.startswith("llama4-text-") for c in ckpts)

@@ -19,7 +19,16 @@ from protos.envelope import Identity
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="Hugging Face MoE checkpoint folder (with tokenizer)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face MoE checkpoint: a folder (with tokenizer), or a Hub repo id org/name (downloads config, "
+        "tokenizer and the dense weights only; HF_TOKEN, HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply)",
+    )
+    p.add_argument("--revision", default=None, help="with a Hub repo id: branch, tag or commit (default: main)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="with a Hub repo id: print what would be downloaded, download nothing"
+    )
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes of the swarm")
@@ -70,12 +79,23 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, streamer=None) -
     return Generation(input_ids, out, time.perf_counter() - start)
 
 
+def print_dry_run(model: str, revision: str | None) -> int:
+    from protos.weights import COORDINATOR, describe, is_hub_id, open_checkpoint
+
+    if not is_hub_id(model):
+        raise ValueError(f"--dry-run needs a Hub repo id; {model} is a local folder: nothing to download")
+    print(describe(open_checkpoint(model, revision).plan(COORDINATOR)))
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     console = Console(stderr=True)
-    info = checkpoint_info(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.dry_run:
+        return print_dry_run(args.model, args.revision)
+    info = checkpoint_info(args.model, args.revision)
+    tokenizer = AutoTokenizer.from_pretrained(info.checkpoint.path)
     dtype = tensors.dtype_from_name(args.dtype) if args.dtype else None
     identity = Identity.load_or_create(args.key_file) if args.key_file else None
     with SwarmClient(
@@ -95,7 +115,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if args.fallback == "error":
                 raise
             console.print(f"[yellow]warning:[/] {e}; continuing with the {args.fallback} fallback")
-        model = load_swarm_model(args.model, client, dtype, info)
+        model = load_swarm_model(info.checkpoint.path, client, dtype, info)
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         print(args.prompt, end="", flush=True)
         result = greedy(model, ids, args.max_new_tokens, TextStreamer(tokenizer, skip_prompt=True))

@@ -29,6 +29,7 @@ from coordinator.models.gating import renormalize_answered
 from coordinator.models.remote_moe import ExpertExecutor
 from protos.hf_checkpoint import HFCheckpoint, HFManifest, experts_class, load_manifest, takes_scaled_inputs
 from protos.records import expert_uid
+from protos.weights import COORDINATOR, is_hub_id, open_checkpoint
 
 
 class RemoteExperts(nn.Module):
@@ -169,26 +170,48 @@ def _plain_new(klass, *args, **kwargs):
 
 @dataclass
 class SwarmModelInfo:
-    checkpoint: HFCheckpoint
+    checkpoint: HFCheckpoint  # a local folder: the checkpoint, or this side's part of a Hub download
     manifest: HFManifest
     uids: list[str]  # every routed expert of the model, as announced in the DHT
 
 
-def checkpoint_info(path: str | Path) -> SwarmModelInfo:
-    ckpt = HFCheckpoint(path)
+def checkpoint_info(
+    model: str | Path,
+    revision: str | None = None,
+    weights: bool = True,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> SwarmModelInfo:
+    """A checkpoint folder, or a Hub repo id (`org/name`) at `revision` pinned to a commit.
+
+    From the Hub, `weights` downloads what the coordinator runs (config, tokenizer, every
+    tensor but the routed experts'); without it only config, index and the weight files'
+    headers, enough for the model id and the expert list."""
+    if is_hub_id(model):
+        hub = open_checkpoint(str(model), revision, cache_dir)
+        if weights:
+            hub.fetch(COORDINATOR, progress=progress)
+        model = hub.folder
+    ckpt = HFCheckpoint(model)
     manifest = load_manifest(ckpt)
     uids = [expert_uid(manifest.model_id, layer, e) for layer, e in sorted(ckpt.experts)]
     return SwarmModelInfo(ckpt, manifest, uids)
 
 
 def load_swarm_model(
-    path: str | Path, executor: ExpertExecutor, dtype: torch.dtype | None = None, info: SwarmModelInfo | None = None
+    model: str | Path,
+    executor: ExpertExecutor,
+    dtype: torch.dtype | None = None,
+    info: SwarmModelInfo | None = None,
+    revision: str | None = None,
 ) -> nn.Module:
-    """The checkpoint's causal LM with every routed-experts module running in the swarm."""
+    """The checkpoint's causal LM with every routed-experts module running in the swarm
+    (`model`: a folder or a Hub repo id, see checkpoint_info)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    info = info or checkpoint_info(path)
+    info = info or checkpoint_info(model, revision)
+    path = info.checkpoint.path
     config = AutoConfig.from_pretrained(path)
     cls = experts_class(getattr(config, "text_config", None) or config)
     scaled = takes_scaled_inputs(cls)

@@ -50,10 +50,12 @@ def add_swarm_view_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--model",
-        help="a model id as peers announce it (e.g. mixtral-0123456789abcdef), or a Hugging Face / moe-swarm "
-        "checkpoint folder to take the id and expert list from",
+        help="a model id as peers announce it (e.g. mixtral-0123456789abcdef), a Hugging Face / moe-swarm "
+        "checkpoint folder, or a Hub repo id org/name (reads its config and file headers only) to take the id "
+        "and expert list from",
     )
     src.add_argument("--checkpoint", type=Path, help="moe-swarm toy checkpoint folder (moe_swarm.json)")
+    p.add_argument("--revision", default=None, help="with a Hub repo id: branch, tag or commit (default: main)")
     p.add_argument("--layers", type=int, default=None, help="with --model ID: MoE layers 0..N-1 (default: scan)")
     p.add_argument("--experts", type=int, default=None, help="with --model ID: experts per layer (default: scan)")
 
@@ -203,6 +205,13 @@ def resolve_uids(args: argparse.Namespace) -> tuple[str, list[str] | None, str]:
     if args.checkpoint is not None:
         manifest = toy_model.read_manifest(args.checkpoint)
         return manifest.model_id, manifest.uids(), "checkpoint"
+    from protos.weights import is_hub_id
+
+    if is_hub_id(args.model):
+        from coordinator.models.hf import checkpoint_info
+
+        info = checkpoint_info(args.model, args.revision, weights=False)
+        return info.manifest.model_id, info.uids, "checkpoint"
     folder = Path(args.model)
     if folder.is_dir():
         if (folder / toy_model.MANIFEST).is_file():
