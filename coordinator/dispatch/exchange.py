@@ -29,6 +29,8 @@ class Answer:
 
 
 class Exchange:
+    """Forward calls to peers; a failure of any kind comes out as one RemoteExpertError."""
+
     def __init__(
         self,
         channels: Channels,

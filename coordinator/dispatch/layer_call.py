@@ -33,6 +33,28 @@ REFRESH_ON_MISS_S = 1.0  # an expert without a replica re-reads the DHT at most 
 
 
 class LayerCall:
+    """The state of one round; `run` drives it, the other methods are its steps."""
+
+    __slots__ = (
+        "answers",
+        "deadline",
+        "dispatcher",
+        "dtype",
+        "health",
+        "hedged",
+        "inflight",
+        "looked_again",
+        "loop",
+        "receipts",
+        "sent_at",
+        "stats",
+        "tried",
+        "uids",
+        "unplaced",
+        "work",
+        "x",
+    )
+
     def __init__(
         self,
         dispatcher: Dispatcher,
