@@ -5,9 +5,10 @@ Starts a bootstrap DHT node and N `moe-peer` processes hosting a tiny model's ex
 more coordinators, and meanwhile runs a fault schedule (from `--seed` or a file): peers
 SIGKILLed, gracefully stopped, SIGSTOPped, restarted, new peers joining; some peers slowed,
 with added latency, jitter and loss (peer/impair.py). At the end: a report of requests,
-tokens exact/rerouted/dropped, latency percentiles, retries/hedges/bans and per-peer load
-and uptime; `--json` and `--plot` write it for machines and people. Every process started
-is stopped on exit, Ctrl-C and SIGTERM included.
+tokens exact/rerouted/dropped, latency percentiles, retries/hedges/bans, what verification
+found (spot checks, cheaters and their evidence, bad receipts) and per-peer load and
+uptime; `--json` and `--plot` write it for machines and people. Every process started is
+stopped on exit, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
