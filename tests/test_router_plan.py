@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coordinator.dispatch.dispatcher import Dispatcher, group_by_expert
+from coordinator.dispatch.dispatcher import Dispatcher
 from coordinator.dispatch.health import HealthCache
+from coordinator.dispatch.plan import group_by_expert
 from coordinator.dispatch.swarm import Replica
 from protos.records import PeerRecord, PeerState
 

@@ -1,6 +1,13 @@
-"""Counting what dispatch did."""
+"""Counting what dispatch did: DispatchStats, and percentiles to read it."""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -12,3 +19,135 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class DispatchStats:
+    """Counters over the life of a dispatcher; every routed (token, slot) is counted."""
+
+    layer_calls: int = 0
+    rpcs: int = 0
+    routed: int = 0
+    exact: int = 0
+    rerouted: int = 0
+    dropped: int = 0
+    retries: int = 0  # experts re-sent after a failed or refused call
+    hedges: int = 0  # duplicate calls sent because the first was slower than its peer's p95
+    bans: int = 0
+    refusals: int = 0  # RESOURCE_EXHAUSTED answers (peer overloaded): retried elsewhere, no ban
+    bad_receipts: int = 0  # answers whose receipt did not verify (the peer is banned)
+    spot_checks: int = 0  # experts recomputed on a second replica to verify the first
+    spot_unresolved: int = 0  # disagreements no third replica could settle
+    cheaters_banned: int = 0
+    evidence: list[dict] = field(default_factory=list)  # signed receipts of each proven-wrong answer
+    rpc_ms: list[float] = field(default_factory=list)
+    layer_ms: dict[int, list[float]] = field(default_factory=dict)  # whole layer calls, by layer
+    peer_compute_ms: list[float] = field(default_factory=list)  # as reported by the peers
+    rpcs_by_peer: Counter[str] = field(default_factory=Counter)
+    rows_by_peer: Counter[str] = field(default_factory=Counter)
+    endpoints: dict[str, str] = field(default_factory=dict)  # peer id -> endpoint it was reached at
+
+    # ---- recording (the dispatcher's only way in) -------------------------------------------
+    def record_rpc(self, peer: str, endpoint: str, rows: int, ms: float) -> None:
+        """An answered Forward: `rows` output rows in `ms` round trip."""
+        self.rpcs += 1
+        self.rpc_ms.append(ms)
+        self.rpcs_by_peer[peer] += 1
+        self.rows_by_peer[peer] += rows
+        self.endpoints[peer] = endpoint
+
+    def record_peer_compute(self, ms: float) -> None:
+        self.peer_compute_ms.append(ms)
+
+    def record_failure(self, refused: bool, retried: int) -> None:
+        """A failed Forward: refused (overloaded, no ban) or banned; `retried` experts to send again."""
+        if refused:
+            self.refusals += 1
+        else:
+            self.bans += 1
+        self.retries += retried
+
+    def record_hedge(self) -> None:
+        self.hedges += 1
+
+    def record_bad_receipt(self) -> None:
+        self.bans += 1
+        self.bad_receipts += 1
+
+    def record_spot_checks(self, experts: int) -> None:
+        self.spot_checks += experts
+
+    def record_spot_unresolved(self) -> None:
+        self.spot_unresolved += 1
+
+    def record_cheater(self, evidence: dict) -> None:
+        self.cheaters_banned += 1
+        self.evidence.append(evidence)
+
+    def record_layer(self, layer: int, routed: int, rerouted: int, dropped: int, ms: float) -> None:
+        """A finished layer call: every routed (token, slot) is exact, rerouted or dropped."""
+        self.layer_calls += 1
+        self.routed += routed
+        self.exact += routed - dropped - rerouted
+        self.rerouted += rerouted
+        self.dropped += dropped
+        self.layer_ms.setdefault(layer, []).append(ms)
+
+    # ---- combining ---------------------------------------------------------------------------
+    @classmethod
+    def merge(cls, all_stats: Iterable[DispatchStats]) -> DispatchStats:
+        """The sum of several dispatchers' stats (e.g. one per coordinator); the inputs are unchanged."""
+        total = cls()
+        rules = _merge_rules(cls)
+        for stats in all_stats:
+            for name, add in rules.items():
+                add(total, name, getattr(stats, name))
+        return total
+
+
+Rule = Callable[[DispatchStats, str, typing.Any], None]
+
+
+def _add(total: DispatchStats, name: str, value: int) -> None:
+    setattr(total, name, getattr(total, name) + value)
+
+
+def _extend(total: DispatchStats, name: str, value: list) -> None:
+    getattr(total, name).extend(value)
+
+
+def _extend_per_key(total: DispatchStats, name: str, value: dict[typing.Any, list]) -> None:
+    merged = getattr(total, name)
+    for key, items in value.items():
+        merged.setdefault(key, []).extend(items)
+
+
+def _count(total: DispatchStats, name: str, value: Counter) -> None:
+    getattr(total, name).update(value)  # Counter.update adds
+
+
+def _overwrite(total: DispatchStats, name: str, value: dict) -> None:
+    getattr(total, name).update(value)  # later wins: e.g. the endpoint a peer was last reached at
+
+
+@functools.cache
+def _merge_rules(cls: type[DispatchStats]) -> dict[str, Rule]:
+    """How each field merges, decided by its type, so a new field either merges or fails loudly."""
+    hints = typing.get_type_hints(cls)
+    rules: dict[str, Rule] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+        if hint is int:
+            rules[f.name] = _add
+        elif origin is list:
+            rules[f.name] = _extend
+        elif origin is Counter:
+            rules[f.name] = _count
+        elif origin is dict and len(args) == 2 and typing.get_origin(args[1]) is list:
+            rules[f.name] = _extend_per_key
+        elif origin is dict and args == (str, str):
+            rules[f.name] = _overwrite
+        else:
+            raise TypeError(f"DispatchStats.merge has no rule for field {f.name}: {hint}")
+    return rules

@@ -9,8 +9,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from coordinator.dispatch.dispatcher import DispatchStats
-from coordinator.dispatch.stats import percentile
+from coordinator.dispatch.stats import DispatchStats, percentile
 
 _COUNTERS = {
     "layer_calls": "MoE layer calls dispatched",

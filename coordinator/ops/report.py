@@ -5,8 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.dispatch.dispatcher import DispatchStats
-from coordinator.dispatch.stats import percentile
+from coordinator.dispatch.stats import DispatchStats, percentile
 
 
 def peers_table(

@@ -142,12 +142,7 @@ def make_schedule(
             busy_until[name] = t + restart_allowance  # starting up
             joined += 1
         else:
-
-            def safe(name: str, t: float = t) -> bool:
-                mates = [m for m in groups[group_of[name]] if m != name]
-                return busy_until[name] <= t and (not mates or any(busy_until[m] <= t for m in mates))
-
-            candidates = sorted(n for n in busy_until if safe(n))
+            candidates = _safe_victims(groups, group_of, busy_until, t)
             if candidates:
                 victim = rng.choice(candidates)
                 if kind == "stall":
@@ -158,6 +153,18 @@ def make_schedule(
                     busy_until[victim] = t + downtime + restart_allowance
         t += interval * rng.uniform(0.75, 1.25)
     return events
+
+
+def _safe_victims(
+    groups: dict[int, list[str]], group_of: dict[str, int], busy_until: dict[str, float], t: float
+) -> list[str]:
+    """Peers up at `t` whose replica group keeps another member up (sorted: draws stay reproducible)."""
+
+    def safe(name: str) -> bool:
+        mates = [m for m in groups[group_of[name]] if m != name]
+        return busy_until[name] <= t and (not mates or any(busy_until[m] <= t for m in mates))
+
+    return sorted(n for n in busy_until if safe(n))
 
 
 def parse_weights(spec: str) -> dict[str, float]:
