@@ -14,6 +14,7 @@ import pytest
 from rich.console import Console
 
 from coordinator.dispatch.stats import DispatchStats
+from coordinator.ops.report import counts_line
 from coordinator.sim.peers import Simulation
 from coordinator.sim.report import build_report, live_view, print_report
 from coordinator.sim.schedule import PeerPlan
@@ -120,3 +121,15 @@ def test_simulation_report_shows_verification_counts():
     text = console.export_text()
     line = "5 spot checks (1 unresolved), 3 cheaters banned (2 evidence), 1 bad receipts"
     assert text.count(line) == 2  # the table and the live view
+
+
+def test_the_summary_line_counts_cheaters_as_bans_and_shows_disputes():
+    stats = DispatchStats()
+    stats.record_failure(refused=False, retried=1)
+    stats.record_cheater({"expert": "m/0/1"})
+    stats.record_bad_receipt()
+    stats.record_spot_checks(4)
+    stats.record_spot_unresolved()
+    line = counts_line(stats)
+    assert "3 bans (1 proven cheaters, 1 bad receipts)" in line, line
+    assert "spot checks: 4 experts recomputed, 1 disputes unresolved" in line, line

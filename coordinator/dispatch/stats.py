@@ -33,7 +33,7 @@ class DispatchStats:
     dropped: int = 0
     retries: int = 0  # experts re-sent after a failed or refused call
     hedges: int = 0  # duplicate calls sent because the first was slower than its peer's p95
-    bans: int = 0
+    bans: int = 0  # every ban: failed calls, bad receipts and proven cheaters
     refusals: int = 0  # RESOURCE_EXHAUSTED answers (peer overloaded): retried elsewhere, no ban
     bad_receipts: int = 0  # answers whose receipt did not verify (the peer is banned)
     spot_checks: int = 0  # experts recomputed on a second replica to verify the first
@@ -81,6 +81,7 @@ class DispatchStats:
         self.spot_unresolved += 1
 
     def record_cheater(self, evidence: dict) -> None:
+        self.bans += 1
         self.cheaters_banned += 1
         self.evidence.append(evidence)
 

@@ -16,10 +16,12 @@ _COUNTERS = {
     "rpcs": "Forward RPCs answered",
     "retries": "experts re-sent after a failed or refused call",
     "hedges": "hedged duplicate calls sent",
-    "bans": "peers banned after a failure",
+    "bans": "peers banned: failed calls, bad receipts and proven cheaters",
     "refusals": "RESOURCE_EXHAUSTED answers (retried elsewhere)",
     "spot_checks": "experts recomputed on a second replica",
+    "spot_unresolved": "spot-check disputes no third replica settled",
     "cheaters_banned": "peers proven wrong by spot checks",
+    "bad_receipts": "answers whose signed receipt did not verify",
 }
 
 

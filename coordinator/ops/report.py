@@ -44,8 +44,10 @@ def counts_line(stats: DispatchStats) -> str:
     return (
         f"{stats.layer_calls} layer calls, {stats.rpcs} RPCs ({per_call:.2f} per layer call, at most one per "
         f"peer); token-expert pairs: {stats.routed} routed = {stats.exact} exact + {stats.rerouted} rerouted + "
-        f"{stats.dropped} dropped; {stats.retries} retries, {stats.hedges} hedges, {stats.bans} bans, "
-        f"{stats.refusals} overload refusals"
+        f"{stats.dropped} dropped; {stats.retries} retries, {stats.hedges} hedges, {stats.bans} bans "
+        f"({stats.cheaters_banned} proven cheaters, {stats.bad_receipts} bad receipts), "
+        f"{stats.refusals} overload refusals; spot checks: {stats.spot_checks} experts recomputed, "
+        f"{stats.spot_unresolved} disputes unresolved"
     )
 
 
