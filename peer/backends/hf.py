@@ -26,7 +26,7 @@ from protos.expert_spec import parse_expert_spec
 from protos.hf_checkpoint import HFCheckpoint, expert_digest, experts_class, load_manifest, takes_scaled_inputs
 from protos.records import expert_uid
 
-from .experts import time_throughput
+from .base import ExpertBackend, time_throughput
 
 
 class HFLayerExperts:
@@ -72,8 +72,8 @@ def _module(cls: type[nn.Module], config, stacked: dict[str, torch.Tensor]) -> n
     return module.eval()
 
 
-class HFHostedExperts:
-    """Same interface as peer.experts.HostedExperts, for Hugging Face checkpoints."""
+class HFHostedExperts(ExpertBackend):
+    """The hosted experts of a Hugging Face checkpoint."""
 
     def __init__(
         self,
