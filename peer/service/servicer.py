@@ -34,7 +34,7 @@ from ..batcher import DeadlineMissed, MicroBatcher
 from . import steps
 from .errors import UNPARSABLE, RequestError
 from .settings import Access, Batching, ServiceLimits
-from .stream import ForwardStream
+from .stream import StreamHandler
 
 if TYPE_CHECKING:
     from ..backends.base import ExpertBackend
@@ -186,7 +186,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self, requests: AsyncIterator[pb.ForwardRequest | None], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ForwardResponse]:
         """Many Forwards on one stream, answered as they complete; refusals are answers too."""
-        stream = ForwardStream(self.serve_request, context.peer(), self.limits.max_stream_requests)
+        stream = StreamHandler(self.serve_request, context.peer(), self.limits.max_stream_requests)
         async with contextlib.aclosing(stream.run(requests)) as replies:
             async for reply in replies:
                 yield reply

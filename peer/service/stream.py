@@ -29,8 +29,8 @@ def stream_deadline(request: pb.ForwardRequest, now: float | None = None) -> flo
     return (time.monotonic() if now is None else now) + min(budget_s, MAX_STREAM_BUDGET_S)
 
 
-class ForwardStream:
-    """One stream's state: the replies to send and the requests in flight."""
+class StreamHandler:
+    """One ForwardStream call: the replies to send and the requests in flight."""
 
     def __init__(self, serve_request: ServeRequest, client: str, max_requests: int) -> None:
         self.serve_request = serve_request
