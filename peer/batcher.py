@@ -14,15 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-
-class ExpertBackend(Protocol):
-    slots: dict[str, tuple[int, int]]
-
-    def forward(self, x: torch.Tensor, segments: list[tuple[str, int]]) -> torch.Tensor: ...
+from .backends.base import ExpertBackend
 
 
 class DeadlineMissed(Exception):

@@ -11,23 +11,14 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from protos.plumbing.files import write_json_atomic
 
+from .backends.base import ExpertBackend
+
 DEFAULT_CACHE = Path(os.environ.get("MOE_SWARM_CACHE", Path.home() / ".cache" / "moe-swarm")) / "throughput.json"
-
-
-class Measurable(Protocol):
-    kind: str
-    hidden_dim: int
-    ffn_dim: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def measure_throughput(self) -> float: ...
 
 
 def device_name(device: torch.device) -> str:
@@ -36,7 +27,7 @@ def device_name(device: torch.device) -> str:
     return f"{platform.machine()}-{platform.processor() or 'cpu'}-{torch.get_num_threads()}threads"
 
 
-def cached_throughput(experts: Measurable, cache: Path = DEFAULT_CACHE) -> float:
+def cached_throughput(experts: ExpertBackend, cache: Path = DEFAULT_CACHE) -> float:
     key = f"{experts.kind}/{experts.hidden_dim}x{experts.ffn_dim}/{experts.dtype}/{device_name(experts.device)}"
     try:
         table = json.loads(cache.read_text())

@@ -25,8 +25,7 @@ import os
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,15 +172,6 @@ class HFCheckpoint(HFLayout):
             return f.get_tensor(src.key)
 
 
-def expert_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _short_name(model_type: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", model_type or "model").strip("-")[:32] or "model"
 
@@ -196,33 +186,15 @@ def model_id_for(config: dict, file_sha256: dict[str, str], model_type: str) -> 
     return f"{_short_name(model_type)}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
-class _ExpertDigests(Mapping[str, str]):
-    """`layer/expert` -> digest of its canonical tensors, computed when asked (not part of the id)."""
-
-    def __init__(self, ckpt: HFCheckpoint) -> None:
-        self._ckpt = ckpt
-
-    def __getitem__(self, key: str) -> str:
-        layer, expert = (int(x) for x in key.split("/"))
-        return expert_digest(self._ckpt.read_expert(layer, expert))
-
-    def __iter__(self) -> Iterator[str]:
-        return (f"{layer}/{e}" for layer, e in sorted(self._ckpt.experts))
-
-    def __len__(self) -> int:
-        return len(self._ckpt.experts)
-
-
 @dataclass(frozen=True)
 class HFManifest:
     model_id: str
     files: dict[str, str]  # weight file -> SHA-256 of its bytes
-    digests: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 def load_manifest(ckpt: HFCheckpoint, cache_dir: str | Path | None = None) -> HFManifest:
     files = weight_file_sha256(ckpt, cache_dir)
-    return HFManifest(model_id_for(ckpt.config, files, ckpt.model_type), files, _ExpertDigests(ckpt))
+    return HFManifest(model_id_for(ckpt.config, files, ckpt.model_type), files)
 
 
 def weight_file_sha256(ckpt: HFCheckpoint, cache_dir: str | Path | None = None) -> dict[str, str]:

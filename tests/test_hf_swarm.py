@@ -15,7 +15,7 @@ from coordinator.dispatch.dispatcher import DispatchResult, ExpertUnavailableErr
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.models.tiny import FAMILIES, VOCAB, save_tiny_checkpoint
 from coordinator.sim.local_swarm import LocalSwarm
-from peer.hf_experts import HFHostedExperts
+from peer.backends.hf import HFHostedExperts
 
 from .conftest import CUDA, greedy, local_model
 

@@ -34,7 +34,7 @@ def test_bad_configuration_exits_with_message(args, words):
 
 
 def test_parse_cpu_list():
-    from peer.cli import parse_cpu_list
+    from peer.host import parse_cpu_list
 
     assert parse_cpu_list("0-2,5, 7") == {0, 1, 2, 5, 7}
     for bad in ["", "3-1", "-1", "a"]:
@@ -56,7 +56,7 @@ def test_compute_cpus_keep_the_expert_math_apart_from_everything_else(swarm):
     import grpc
     import torch
 
-    from peer.experts import HostedExperts
+    from peer.backends.toy import HostedExperts
     from protos import expert_service_pb2 as pb
     from protos import expert_service_pb2_grpc as pb_grpc
     from protos.toy_model import ToyConfig

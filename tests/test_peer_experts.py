@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.experts import HostedExperts, padded_span
+from peer.backends.toy import HostedExperts, padded_span
 from protos import toy_model
 from protos.records import expert_uid
 from protos.toy_model import ToyConfig

@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 from coordinator.sim.schedule import FaultEvent, load_schedule, make_schedule, plan_peers, save_schedule
-from peer.impair import Impairment
-from peer.server import RequestError
+from peer.backends.faults import Impairment
+from peer.service.errors import RequestError
 
 SIM = [sys.executable, "-m", "coordinator", "simulate", "--no-live"]
 

@@ -12,12 +12,16 @@ import grpc
 import pytest
 import torch
 
-from peer.experts import HostedExperts
-from peer.impair import Impairment
-from peer.server import ExpertServicer, start_server, stream_deadline
+from peer.backends.faults import Impairment, with_faults
+from peer.backends.toy import HostedExperts
+from peer.service.server import start_server
+from peer.service.servicer import ExpertServicer
+from peer.service.settings import DEFAULT_MAX_STREAM_REQUESTS, Access, ServiceLimits
+from peer.service.stream import stream_deadline
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos import grpc_options, sealed, tensors
+from protos.envelope import Identity
 from protos.records import PeerState
 from protos.toy_model import ToyConfig
 
@@ -75,9 +79,17 @@ def test_stream_deadline_is_the_sealed_budget_from_arrival():
     assert stream_deadline(pb.ForwardRequest(timestamp_ms=0, deadline_ms=10**12), now=0.0) == 600.0  # capped
 
 
-async def _in_process_peer(**kwargs) -> tuple[grpc.aio.Server, str, ExpertServicer]:
+async def _in_process_peer(
+    impairment: Impairment | None = None,
+    identity: Identity | None = None,
+    max_stream_requests: int = DEFAULT_MAX_STREAM_REQUESTS,
+) -> tuple[grpc.aio.Server, str, ExpertServicer]:
     experts = HostedExperts.from_seed(ToyConfig(num_layers=1, num_experts=2, hidden_dim=8, ffn_dim=8), 0, "*", CPU)
-    servicer = ExpertServicer(experts, allow_plaintext=True, **kwargs)
+    servicer = ExpertServicer(
+        with_faults(experts, impairment),
+        access=Access(identity or Identity.generate(), allow_plaintext=True),
+        limits=ServiceLimits(max_stream_requests=max_stream_requests),
+    )
     servicer.state = PeerState.ONLINE
     server, port = await start_server(servicer, "127.0.0.1", 0, 1 << 20)
     return server, f"127.0.0.1:{port}", servicer

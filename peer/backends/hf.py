@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from protos.expert_spec import parse_expert_spec
-from protos.hf_checkpoint import HFCheckpoint, expert_digest, experts_class, load_manifest, takes_scaled_inputs
+from protos.hf_checkpoint import HFCheckpoint, experts_class, load_manifest, takes_scaled_inputs
 from protos.records import expert_uid
 
-from .experts import time_throughput
+from .base import ExpertBackend, time_throughput
 
 
 class HFLayerExperts:
@@ -72,8 +72,8 @@ def _module(cls: type[nn.Module], config, stacked: dict[str, torch.Tensor]) -> n
     return module.eval()
 
 
-class HFHostedExperts:
-    """Same interface as peer.experts.HostedExperts, for Hugging Face checkpoints."""
+class HFHostedExperts(ExpertBackend):
+    """The hosted experts of a Hugging Face checkpoint."""
 
     def __init__(
         self,
@@ -126,8 +126,6 @@ class HFHostedExperts:
         want_dtype = dtype
         for layer, e in tqdm(chosen, desc="loading experts", unit="expert", disable=not progress, file=sys.stderr):
             tensors = ckpt.read_expert(layer, e)
-            if expert_digest(tensors) != manifest.digests[f"{layer}/{e}"]:
-                raise ValueError(f"expert {layer}/{e}: weights changed since the manifest was made")
             want_dtype = want_dtype or next(iter(tensors.values())).dtype
             if layer not in by_layer:  # stacked in place: peak memory is the experts plus one being read
                 by_layer[layer] = {

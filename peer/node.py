@@ -1,0 +1,335 @@
+"""One volunteer node's life, from a PeerConfig: start (experts, DHT node, reachability check,
+gRPC server, metrics), announce, re-place (--experts auto), drain and leave.
+
+    node = PeerNode(config)
+    await node.run()  # until node.stop() (or SIGINT/SIGTERM with handle_signals=True)
+
+or, step by step: `await node.start()`, then `node.stop()` / `await node.drain()`, and always
+`await node.close()`. `serve(config)` is the whole `moe-peer serve` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+
+from protos import __version__
+from protos.envelope import Identity
+from protos.expert_spec import format_expert_spec
+from protos.plumbing.dht import start_dht
+from protos.plumbing.files import write_json_atomic
+from protos.plumbing.reachability import check_reachable, serve_dial_back
+from protos.records import PeerRecord, PeerState, count_serving, expert_uid, fetch_latest, parse_expert_uid
+from protos.validation import owner_subkey
+
+from .announce import Announcer
+from .backends.base import ExpertBackend
+from .backends.faults import with_faults
+from .backends.load import describe_model, load_backend
+from .config import PeerConfig
+from .host import release_freed_memory, split_cpus
+from .metrics import PeerMetrics
+from .placement import better_placement, choose_experts
+from .selfbench import cached_throughput
+from .service.server import start_server
+from .service.servicer import ExpertServicer
+from .service.settings import Access
+from .sessions import read_allowlist
+
+if TYPE_CHECKING:
+    import grpc
+
+log = logging.getLogger("moe-peer")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+Pair = tuple[int, int]  # (layer, expert)
+
+
+class PeerNode:
+    def __init__(self, config: PeerConfig, *, handle_signals: bool = False) -> None:
+        self.config = config
+        self.handle_signals = handle_signals  # the process's node: SIGINT/SIGTERM drain and leave
+        self.impairment = config.impairment()  # one stream of draws across re-placements
+        self.spec = config.experts  # what is hosted, in the --experts grammar (auto: once placed)
+        self.device = torch.device("cpu")
+        self.identity: Identity | None = None
+        self.owner = b""  # our subkey under every expert uid in the DHT
+        self.dht: DHT | None = None
+        self.servicer: ExpertServicer | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0  # the bound gRPC port
+        self.announcer: Announcer | None = None
+        self.metrics: PeerMetrics | None = None
+        self.metrics_port: int | None = None
+        self.endpoint = ""
+        self.throughput = 0.0
+        # --experts auto: the model's experts, one's size in bytes, and what this node hosts
+        self.model_id = ""
+        self.pairs: list[Pair] = []
+        self.expert_bytes = 0
+        self.hosted: list[Pair] = []
+        self._stop = asyncio.Event()
+        self._signals = False  # stop handlers installed on the loop
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.fingerprint
+
+    async def run(self) -> None:
+        """Start, serve until stopped, then drain and leave."""
+        try:
+            await self.start()
+            await self.serve_until_stopped()
+            await self.drain()
+        finally:
+            await self.close()
+
+    def stop(self) -> None:
+        """Ask a running node to drain and leave."""
+        self._stop.set()
+
+    async def start(self) -> None:
+        """Load the experts, join the DHT, serve gRPC and announce: ONLINE once it returns."""
+        cfg = self.config
+        access = self._access()  # file and value errors surface before anything starts
+        self.identity = access.identity
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.auto_placement:
+            self.model_id, self.pairs, self.expert_bytes = describe_model(cfg)
+        else:
+            experts = self._load(self.spec)  # first: configuration errors surface before anything starts
+        self._join()
+        if cfg.auto_placement:
+            experts = await self._place()
+        release_freed_memory()
+        self.throughput = cached_throughput(experts)
+        await self._open(experts, access)
+        await self._go_online()
+
+    def _access(self) -> Access:
+        cfg = self.config
+        if cfg.key_file is not None:
+            identity = Identity.load_or_create(cfg.key_file)
+        else:
+            identity = Identity.generate()
+            log.info("using a fresh identity (pass --key-file to keep one across restarts)")
+        limiter = cfg.rate_limiter()
+        allow = read_allowlist(cfg.allow_clients) if cfg.allow_clients is not None else None
+        return Access(identity, allow_plaintext=cfg.allow_plaintext, allow_clients=allow, rate_limiter=limiter)
+
+    def _load(self, spec: str) -> ExpertBackend:
+        backend = load_backend(self.config, spec, self.device)
+        return with_faults(backend, self.impairment, self.config.sim_corrupt)
+
+    def _join(self) -> None:
+        if self.handle_signals:
+            # Ctrl-C in a terminal signals the whole process group: p2pd (a Go program) keeps an
+            # inherited SIG_IGN, so it stays up until we have drained and withdrawn our records
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        rsa = self.identity.rsa_key()
+        cfg = self.config
+        self.dht = start_dht(cfg.initial_peers, host=cfg.host, port=cfg.dht_port, rsa_key=rsa)
+        self.owner = owner_subkey(rsa)
+
+    async def _open(self, experts: ExpertBackend, access: Access) -> None:
+        """Metrics, the servicer and its gRPC server, and the announcer (not announcing yet)."""
+        cfg = self.config
+        if cfg.metrics_port is not None:
+            self.metrics = PeerMetrics()
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
+            log.info("metrics at http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)
+        self.servicer = ExpertServicer(
+            experts,
+            peer_id=self.peer_id,
+            limits=cfg.limits(),
+            access=access,
+            batching=cfg.batching(),
+            metrics=self.metrics,
+        )
+        self.server, self.port = await start_server(self.servicer, cfg.host, cfg.port, cfg.max_message_bytes)
+        self.endpoint = f"{cfg.announce_host or cfg.host}:{cfg.announce_port or self.port}"
+        self.announcer = Announcer(self.dht, experts.uids, self.record, self.owner, period=cfg.announce_period)
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, self.stop)
+            self._signals = True
+
+    async def _go_online(self) -> None:
+        cfg, experts = self.config, self.servicer.experts
+        serve_dial_back(self.dht)  # answer other peers' reachability checks
+        if cfg.initial_peers and not cfg.skip_reachability_check:
+            await self.require_reachable()
+        self.servicer.state = PeerState.ONLINE
+        await self.announcer.announce()
+        self.announcer.start()
+        log.info(
+            "serving %d experts of %s at %s (peer %s, %s, %.0f tokens/s/expert)",
+            len(experts.uids),
+            experts.model_id,
+            self.endpoint,
+            self.peer_id,
+            self.device,
+            self.throughput,
+        )
+        if cfg.ready_file:
+            ready = {
+                "endpoint": self.endpoint,
+                "peer_id": self.peer_id,
+                "pid": os.getpid(),
+                "model_id": experts.model_id,
+                "experts": experts.uids,
+                "metrics_port": self.metrics_port,
+            }
+            write_json_atomic(cfg.ready_file, ready)
+
+    def record(self) -> PeerRecord:
+        """This peer's announcement as it stands now."""
+        return PeerRecord.signed(
+            self.identity,
+            self.owner,
+            endpoint=self.endpoint,
+            state=self.servicer.state,
+            load=self.servicer.load,
+            throughput=self.throughput,
+            device=str(self.device),
+            version=__version__,
+        )
+
+    async def require_reachable(self) -> None:
+        """Refuse to announce an address other nodes cannot dial, saying what to change."""
+        cfg = self.config
+        ok, detail = await check_reachable(self.dht, list(cfg.initial_peers), self.endpoint)
+        if ok is None:
+            log.warning("could not verify that %s is reachable (%s); announcing anyway", self.endpoint, detail)
+            return
+        if not ok:
+            hint = (
+                "bind a public interface with --host 0.0.0.0 and announce --announce-host <this machine's address>"
+                if cfg.host.startswith("127.")
+                else f"forward TCP port {cfg.announce_port or self.port} to this machine (router/firewall) and pass "
+                f"--announce-host <your public address> (and --announce-port if the forwarded port differs)"
+            )
+            raise ConnectionError(
+                f"other nodes cannot reach this peer at {self.endpoint} ({detail}); announcing it would send "
+                f"coordinators to a dead address. To fix: {hint}. (--skip-reachability-check announces anyway.)"
+            )
+
+    async def serve_until_stopped(self) -> None:
+        """Serve (re-placing now and then with --experts auto) until stop()."""
+        if self.config.auto_placement and self.config.placement_check > 0:
+            mover = asyncio.create_task(self.keep_placement())
+            stopped = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([mover, stopped], return_when=asyncio.FIRST_COMPLETED)
+            mover.cancel()
+            await asyncio.gather(mover, return_exceptions=True)
+        await self._stop.wait()
+
+    async def drain(self) -> None:
+        """Leave gracefully: DRAINING (readers stop choosing us), in-flight work finishes within
+        the drain timeout, then LEFT tombstones replace our records."""
+        timeout = self.config.drain_timeout
+        log.info("leaving: draining in-flight requests (up to %.0fs)", timeout)
+        self.servicer.state = PeerState.DRAINING
+        await self.announcer.stop_refreshing()
+        await self.announcer.announce()  # readers stop choosing us while in-flight work finishes
+        await self.server.stop(grace=timeout)
+        await self.announcer.withdraw()
+        log.info("withdrawn from the DHT; served %d requests", self.servicer.served_requests)
+
+    async def close(self) -> None:
+        """Stop whatever start() got to: server, compute threads, DHT node."""
+        if self._signals:
+            loop = asyncio.get_running_loop()
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+            self._signals = False
+        if self.server is not None:
+            await self.server.stop(grace=None)
+        if self.servicer is not None:
+            self.servicer.close()
+        if self.dht is not None:
+            self.dht.shutdown()
+
+    # --experts auto
+
+    async def coverage(self) -> dict[Pair, int]:
+        """Serving replicas per expert of the model, not counting this peer."""
+        uids = {pair: expert_uid(self.model_id, *pair) for pair in self.pairs}
+        raw = await fetch_latest(self.dht, list(uids.values()))
+        others = {uid: {sk: v for sk, v in subs.items() if sk != self.owner} for uid, subs in raw.items()}
+        counts = count_serving(others, get_dht_time())
+        return {pair: counts.get(uid, 0) for pair, uid in uids.items()}
+
+    async def _place(self) -> ExpertBackend:
+        """The first placement: the least-covered experts that fit the budget."""
+        await asyncio.sleep(random.uniform(0, self.config.placement_delay))
+        replicas = await self.coverage()
+        chosen = choose_experts(self.pairs, replicas, self.expert_bytes, self.config.budget_bytes)
+        self.spec = format_expert_spec(chosen)
+        log.info("auto placement: hosting %s (coverage before: %s)", self.spec, sorted(set(replicas.values())))
+        experts = self._load(self.spec)
+        self.hosted = sorted(parse_expert_uid(u)[1:] for u in experts.uids)
+        return experts
+
+    async def keep_placement(self) -> None:
+        """Every placement_check seconds: move to a better set when two checks in a row find one
+        (hysteresis), draining first so no request fails."""
+        streak = 0
+        while True:
+            await asyncio.sleep(self.config.placement_check * random.uniform(0.8, 1.2))  # peers don't move in step
+            try:
+                others = await self.coverage()
+            except Exception as e:
+                log.warning("placement check could not read the DHT: %s", e)
+                continue
+            proposal = better_placement(self.pairs, others, self.hosted, self.expert_bytes, self.config.budget_bytes)
+            streak = streak + 1 if proposal else 0
+            if streak >= 2:
+                streak = 0
+                await self.move_to(proposal)
+
+    async def move_to(self, proposal: list[Pair]) -> None:
+        """Host `proposal` instead: drain, load, withdraw the retired experts, announce again."""
+        servicer, announcer = self.servicer, self.announcer
+        before, after = format_expert_spec(self.hosted), format_expert_spec(proposal)
+        log.info("re-placing: %s -> %s (weakest coverage improves)", before, after)
+        servicer.state = PeerState.DRAINING
+        await announcer.announce()  # coordinators stop choosing us; in-flight work finishes
+        deadline = time.monotonic() + self.config.drain_timeout
+        while servicer.load and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.spec = after
+        experts = await asyncio.to_thread(self._load, self.spec)
+        release_freed_memory()
+        retired = sorted(set(announcer.uids) - set(experts.uids))
+        servicer.replace_experts(experts)
+        announcer.uids = list(experts.uids)
+        await announcer.withdraw(retired)
+        servicer.state = PeerState.ONLINE
+        await announcer.announce()
+        self.hosted = proposal
+        log.info("now hosting %s", self.spec)
+
+
+def serve(config: PeerConfig) -> None:
+    """The `moe-peer serve` process: torch threads and CPU pinning for the whole process, then
+    the node until SIGINT/SIGTERM."""
+    import uvloop
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.compute_cpus is not None:
+        split_cpus(config.compute_cpus)
+        if not config.threads:  # one torch thread per compute CPU, not per CPU of the host
+            torch.set_num_threads(len(config.compute_cpus))
+    uvloop.run(PeerNode(config, handle_signals=True).run())

@@ -1,0 +1,37 @@
+"""The servicer's settings, grouped by what they govern: sizes and queues (ServiceLimits),
+who may call and how (Access), and how the device batches (Batching)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS
+from protos.envelope import Identity
+
+from ..sessions import RateLimiter, SessionTable
+
+DEFAULT_MAX_STREAM_REQUESTS = 256  # in flight on one stream (rows are bounded by admission control)
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_rows: int = DEFAULT_MAX_ROWS  # token rows per request
+    max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS  # admission control: rows admitted and not yet answered
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_stream_requests: int = DEFAULT_MAX_STREAM_REQUESTS
+
+
+@dataclass
+class Access:
+    identity: Identity = field(default_factory=Identity.generate)  # signs receipts, opens sessions
+    allow_plaintext: bool = False  # unsealed requests: benchmarks and trusted networks only
+    allow_clients: frozenset[bytes] | None = None  # None: a public peer
+    rate_limiter: RateLimiter | None = None
+    sessions: SessionTable = field(default_factory=SessionTable)
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_rows: int = 4096  # most token rows the device computes in one merged batch
+    batch_wait_ms: float = 0.0  # wait this long for more requests (0: batch only what is queued)
+    compute_cpus: frozenset[int] | None = None  # pin the compute thread here (None: anywhere)
