@@ -27,13 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve experts over gRPC and announce them in the DHT")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="Hugging Face MoE checkpoint folder (config.json + safetensors)")
+    src.add_argument(
+        "--model",
+        help="Hugging Face MoE checkpoint: a Hub repo id (org/name; only this peer's experts are downloaded) "
+        "or a local folder (config.json + safetensors)",
+    )
     src.add_argument("--checkpoint", type=Path, help="moe-swarm toy checkpoint folder (moe_swarm.json + safetensors)")
     src.add_argument("--seed", type=int, help="build the toy model from this seed instead of a checkpoint")
     s.add_argument("--layers", type=int, default=2, help="with --seed: number of MoE layers")
     s.add_argument("--num-experts", type=int, default=8, help="with --seed: experts per layer")
     s.add_argument("--hidden", type=int, default=256, help="with --seed: hidden size")
     s.add_argument("--ffn", type=int, default=512, help="with --seed: expert FFN size")
+    s.add_argument("--revision", help="with a Hub repo id: branch, tag or commit (default: main), pinned to a commit")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with a Hub repo id: print what this peer would download for --experts (files, spans, bytes) and exit",
+    )
     s.add_argument(
         "--dtype",
         default=None,
@@ -180,9 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     try:
+        config = config_from_args(args)
+        if args.dry_run:
+            from .backends.load import dry_run
+
+            print(dry_run(config))
+            return 0
         from .node import serve  # the DHT, gRPC and torch stack: only for serve
 
-        serve(config_from_args(args))
+        serve(config)
     except (ValueError, FileNotFoundError, OSError, ImportError, SwarmJoinError) as e:
         print(f"moe-peer: error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ AUTO = "auto"  # --experts auto: the least-covered experts that fit the memory b
 @dataclass(frozen=True)
 class PeerConfig:
     # the model: exactly one source
-    model: Path | None = None  # Hugging Face MoE checkpoint folder
+    model: str | None = None  # Hugging Face MoE checkpoint: a Hub repo id (org/name) or a local folder
+    revision: str | None = None  # with a Hub repo id: branch, tag or commit
     checkpoint: Path | None = None  # moe-swarm toy checkpoint folder
     seed: int | None = None  # build the toy model from this seed
     layers: int = 2  # with seed: MoE layers, experts per layer, hidden and FFN sizes

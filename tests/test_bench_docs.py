@@ -17,6 +17,8 @@ from coordinator.cli import build_parser as swarm_parser
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 TOOL = "coordinator.bench."
+# the volunteer's own tools and the weights fetcher are documented beside the benchmarks
+MODULES = (TOOL, "peer.tools.", "protos.weights")
 
 
 def command_lines(text: str) -> list[list[str]]:
@@ -48,7 +50,7 @@ def test_tool_lines_name_tools_that_take_them():
     lines = [argv for argv in command_lines(DOC.read_text()) if argv[:2] == ["python", "-m"]]
     assert {argv[2] for argv in lines} >= {TOOL + "ab_layer", TOOL + "primitives", TOOL + "scale_costs"}
     for argv in lines:
-        assert argv[2].startswith(TOOL), argv
+        assert argv[2].startswith(MODULES), argv
         importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
 
 
@@ -60,7 +62,7 @@ def test_make_bench_layer_runs_the_documented_command():
 
 def test_gpu_check_runs_existing_tools_and_tests():
     script = (ROOT / "coordinator" / "bench" / "gpu_check.sh").read_text()
-    for module in re.findall(r"-m (coordinator\.bench\.\w+)", script):
+    for module in re.findall(r"-m ((?:coordinator\.bench|peer\.tools)\.\w+)", script):
         importlib.import_module(module)
     for test in re.findall(r"tests/\w+\.py", script):
         assert (ROOT / test).is_file(), test

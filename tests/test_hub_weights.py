@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from coordinator.models.hf import checkpoint_info, load_swarm_model
-from peer.hf_experts import HFHostedExperts
+from peer.backends.hf import HFHostedExperts
 from protos.hf_checkpoint import HFCheckpoint, load_manifest
 from protos.weights import PEER, HubCheckpoint, WeightsError, fetch_for_peer, open_checkpoint
 from protos.weights.spans import total

@@ -37,10 +37,10 @@ step tests 200 python3 -m pytest -q -p no:cacheprovider $parallel -rfE tests/tes
   tests/test_layer_equality.py tests/test_bad_input.py tests/test_receipts.py tests/test_hf_swarm.py
 step bench-layer 80 python3 -m coordinator bench layer --experts 8 --k 2 --hidden 256 --tokens 64 \
   --compare-hivemind --json "$OUT/bench-layer-gpu.json"
-step experts-mixtral 80 python3 -m coordinator.bench.cuda_experts --hidden 4096 --ffn 14336 --experts 8 --k 2 \
+step experts-mixtral 80 python3 -m peer.tools.cuda_experts --hidden 4096 --ffn 14336 --experts 8 --k 2 \
   --json "$OUT/cuda-experts-mixtral.json"
-step experts-olmoe 60 python3 -m coordinator.bench.cuda_experts --hidden 2048 --ffn 1024 --experts 64 --k 8 \
+step experts-olmoe 60 python3 -m peer.tools.cuda_experts --hidden 2048 --ffn 1024 --experts 64 --k 8 \
   --json "$OUT/cuda-experts-olmoe.json"
-step experts-qwen 60 python3 -m coordinator.bench.cuda_experts --hidden 2048 --ffn 1408 --experts 60 --k 4 \
+step experts-qwen 60 python3 -m peer.tools.cuda_experts --hidden 2048 --ffn 1408 --experts 60 --k 4 \
   --json "$OUT/cuda-experts-qwen.json"
 step security 75 python3 -m coordinator bench security --json "$OUT/bench-security-gpu.json"

@@ -142,7 +142,7 @@ def _raw_rows_per_s(ckpt: Path, rows: int, hidden: int, cpus: set[int] | None = 
     """The experts' own throughput: a subprocess with the peer's threads (one on `cpus` when pinned)."""
     code = (
         (f"import os;os.sched_setaffinity(0,{cpus!r});import torch;torch.set_num_threads(1);" if cpus else "")
-        + "import torch,time;from peer.experts import HostedExperts;"
+        + "import torch,time;from peer.backends.toy import HostedExperts;"
         f"h=HostedExperts.from_checkpoint({str(ckpt)!r},'*',torch.device('cpu'));"
         f"x=torch.randn({rows},{hidden});n=len(h.uids);s=[(u,{rows}//n) for u in h.uids];"
         f"x=x[:sum(r for _,r in s)];h.forward(x,s);t=time.perf_counter();[h.forward(x,s) for _ in range(10)];"

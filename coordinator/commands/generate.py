@@ -118,7 +118,8 @@ def run_generate(args: argparse.Namespace) -> int:
         model = load_swarm_model(info.checkpoint.path, client, dtype, info)
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         print(args.prompt, end="", flush=True)
-        result = greedy(model, ids, args.max_new_tokens, TextStreamer(tokenizer, skip_prompt=True))
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = greedy(model, ids, args.max_new_tokens, streamer)
         print(flush=True)
         console.print(
             f"{result.new_tokens} tokens in {result.seconds:.2f}s: {result.new_tokens / result.seconds:.2f} tokens/s"

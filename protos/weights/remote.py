@@ -152,9 +152,17 @@ class HubCheckpoint:
                 out.setdefault(file, []).append(entry.slice_span(expert) if src.stacked else entry.span)
         return out
 
-    def expert_nbytes(self, layer: int, expert: int) -> int:
-        """Bytes of one expert in the checkpoint's dtype: what a peer's memory budget is planned with."""
-        return sum(total(spans) for spans in self.expert_spans(layer, expert).values())
+    def expert_nbytes(self, layer: int, expert: int, itemsize: int | None = None) -> int:
+        """Bytes of one expert in the checkpoint's dtype, or at `itemsize` bytes per element:
+        what a peer's memory budget is planned with."""
+        if itemsize is None:
+            return sum(total(spans) for spans in self.expert_spans(layer, expert).values())
+        numel = 0
+        for srcs in self.checkpoint.experts[layer, expert].values():
+            for src in srcs:
+                entry = self._entry(src.key)[1]
+                numel += entry.numel // entry.shape[0] if src.stacked else entry.numel
+        return numel * itemsize
 
     def _entry(self, key: str) -> tuple[str, TensorEntry]:
         file = self.checkpoint.key_files[key]

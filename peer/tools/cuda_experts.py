@@ -3,11 +3,10 @@ step, host->device copy and answer back to host included) for growing batches, w
 grouped GEMM the peer uses and with one GEMM per expert, side by side in one run, and the
 grouped math alone with input and output on the device (`device_only_ms`).
 
-    python -m coordinator.bench.cuda_experts --hidden 4096 --ffn 14336 --experts 8 --k 2 --json out.json
+    python -m peer.tools.cuda_experts --hidden 4096 --ffn 14336 --experts 8 --k 2 --json out.json
 
 Runs on CPU too (`--device cpu`), but it exists for GPU peers: the numbers a volunteer's card gives.
-It measures the peer's own compute step in this process, so it imports peer (a bench tool's
-exception to coordinator -> protos only; the import waits until it runs).
+It measures the peer's own compute step in this process.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from protos.records import expert_uid
 from protos.toy_model import ToyConfig
 
 if TYPE_CHECKING:
-    from peer.experts import HostedExperts
+    from peer.backends.toy import HostedExperts
 
 
 def _segments(hosted: HostedExperts, tokens: int, experts: int, k: int, gen: torch.Generator) -> list[tuple[str, int]]:
@@ -52,7 +51,7 @@ def _time(step: Callable[[], object], device: torch.device, repeats: int) -> flo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m coordinator.bench.cuda_experts", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m peer.tools.cuda_experts", description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--ffn", type=int, default=14336)
     p.add_argument("--experts", type=int, default=8)
@@ -95,7 +94,7 @@ def _measure(hosted: HostedExperts, x: torch.Tensor, segments: list[tuple[str, i
 
 
 def main(argv: list[str] | None = None) -> None:
-    from peer.experts import HostedExperts
+    from peer.backends.toy import HostedExperts
 
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)

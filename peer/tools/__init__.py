@@ -1,0 +1,1 @@
+"""Tools a volunteer runs on their own machine: what its device gives the peer."""
