@@ -51,7 +51,10 @@ def test_tool_lines_name_tools_that_take_them():
     assert {argv[2] for argv in lines} >= {TOOL + "ab_layer", TOOL + "primitives", TOOL + "scale_costs"}
     for argv in lines:
         assert argv[2].startswith(MODULES), argv
-        importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
+        module = importlib.import_module(argv[2])
+        if not hasattr(module, "build_parser"):  # a package run as `python -m`
+            module = importlib.import_module(argv[2] + ".__main__")
+        module.build_parser().parse_args(argv[3:])
 
 
 def test_make_bench_layer_runs_the_documented_command():

@@ -29,9 +29,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="with a Hub repo id: print what would be downloaded, download nothing"
     )
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", help="text to continue (required unless --dry-run)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes of the swarm")
+    p.add_argument(
+        "--initial-peers", nargs="+", help="multiaddrs of DHT nodes of the swarm (required unless --dry-run)"
+    )
     p.add_argument("--dtype", default=None, choices=sorted(tensors.DTYPES), help="default: the checkpoint's")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one layer call may take")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every expert to have a replica")
@@ -94,6 +96,9 @@ def run_generate(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.dry_run:
         return print_dry_run(args.model, args.revision)
+    needed = {"--prompt": args.prompt, "--initial-peers": args.initial_peers}
+    if missing := [flag for flag, value in needed.items() if not value]:
+        raise ValueError(f"generate needs {' and '.join(missing)}")
     info = checkpoint_info(args.model, args.revision)
     tokenizer = AutoTokenizer.from_pretrained(info.checkpoint.path)
     dtype = tensors.dtype_from_name(args.dtype) if args.dtype else None
