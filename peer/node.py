@@ -25,10 +25,10 @@ from hivemind.utils import get_dht_time
 from protos import __version__
 from protos.envelope import Identity
 from protos.expert_spec import format_expert_spec
-from protos.plumbing.dht import start_dht
+from protos.plumbing.dht import fetch_latest, start_dht
 from protos.plumbing.files import write_json_atomic
 from protos.plumbing.reachability import check_reachable, serve_dial_back
-from protos.records import PeerRecord, PeerState, count_serving, expert_uid, fetch_latest, parse_expert_uid
+from protos.records import PeerRecord, PeerState, count_serving, expert_uid, parse_expert_uid
 from protos.validation import owner_subkey
 
 from .announce import Announcer

@@ -10,9 +10,7 @@ protos.validation.PeerRecordValidator refuses everything else; every node runs b
 
 from __future__ import annotations
 
-import functools
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -20,9 +18,6 @@ from typing import TYPE_CHECKING, Any
 from .envelope import PUBLIC_KEY_LEN, SIGNATURE_LEN, fingerprint, kx_statement, verify
 
 if TYPE_CHECKING:
-    from hivemind import DHT
-    from hivemind.dht.node import DHTNode
-
     from .envelope import Identity
 
 UID_SEPARATOR = "/"
@@ -122,22 +117,6 @@ class PeerRecord:
             kx=raw["kx"],
             kx_sig=raw["kx_sig"],
         )
-
-
-async def _get_latest(dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, dict[str, tuple[object, float]]]:
-    # runs inside the DHT process; returns plain picklable data
-    found = await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
-    out: dict[str, dict[str, tuple[object, float]]] = {}
-    for key, entry in found.items():
-        if entry is not None and isinstance(entry.value, dict):  # a dictionary key: subkey -> value
-            out[key] = {sk: (v.value, v.expiration_time) for sk, v in entry.value.items()}
-    return out
-
-
-async def fetch_latest(dht: DHT, keys: Sequence[str]) -> dict[str, dict[str, tuple[object, float]]]:
-    """uid -> {peer id: (raw record, expiration)}, the freshest the DHT holds (untrusted: parse
-    each record with PeerRecord.from_dict)."""
-    return await dht.run_coroutine(functools.partial(_get_latest, keys=list(keys)), return_future=True)
 
 
 def count_serving(raw: dict[str, dict[str, tuple[object, float]]], now: float) -> dict[str, int]:

@@ -6,8 +6,8 @@ import itertools
 
 import torch
 
+from coordinator.dispatch import sealed
 from protos import expert_service_pb2 as pb
-from protos import sealed
 from protos.envelope import Identity
 
 

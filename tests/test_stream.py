@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 
+from coordinator.dispatch import sealed
 from peer.backends.faults import Impairment, with_faults
 from peer.backends.toy import HostedExperts
 from peer.service.server import start_server
@@ -20,7 +21,7 @@ from peer.service.settings import DEFAULT_MAX_STREAM_REQUESTS, Access, ServiceLi
 from peer.service.stream import stream_deadline
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
-from protos import grpc_options, sealed, tensors
+from protos import grpc_options, tensors
 from protos.envelope import Identity
 from protos.records import PeerState
 from protos.toy_model import ToyConfig

@@ -75,7 +75,8 @@ def _alternate(
 def _crypto_ms(x: torch.Tensor, experts: torch.Tensor, uids: list[str], repeats: int = 20) -> float:
     """Both sides' security work for one request carrying all of a layer call's rows, without
     the network or compute: seal, open, digests, receipt signature and its check (median ms)."""
-    from protos import envelope, sealed
+    from coordinator.dispatch import sealed
+    from protos import envelope
 
     peer, client = envelope.Identity.generate(), envelope.Identity.generate()
     hello, keys = envelope.client_hello(client, peer.kx_public)

@@ -10,12 +10,13 @@ import grpc
 import numpy as np
 import torch
 
+from coordinator.dispatch import sealed
 from coordinator.dispatch.plan import PeerCall
 from coordinator.dispatch.result import RemoteExpertError
 from coordinator.dispatch.stats import DispatchStats
 from coordinator.dispatch.transport import Channels, Sessions
 from coordinator.dispatch.verify import DeferredReceipts, Receipt, Unchecked, check_receipt
-from protos import envelope, sealed, tensors
+from protos import envelope, tensors
 from protos.envelope import EnvelopeError
 
 UNKNOWN_SESSION = "unknown or expired session"  # the peer's words when it does not know our session

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from protos.records import PeerRecord, fetch_latest
+from protos.plumbing.dht import fetch_latest
+from protos.records import PeerRecord
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos import DEFAULT_MAX_MESSAGE_BYTES, grpc_options, sealed
+from coordinator.dispatch import sealed
+from protos import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.envelope import EnvelopeError, Identity, SessionKeys

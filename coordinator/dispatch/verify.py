@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from coordinator.dispatch import sealed
 from coordinator.dispatch.health import HealthCache
 from coordinator.dispatch.stats import DispatchStats
 from coordinator.dispatch.swarm import Replica
 from protos import expert_service_pb2 as pb
-from protos import sealed
 from protos.envelope import EnvelopeError
 
 if TYPE_CHECKING:

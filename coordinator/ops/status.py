@@ -30,7 +30,8 @@ from rich.text import Text
 
 from protos import toy_model
 from protos.expert_spec import format_expert_spec
-from protos.records import PeerRecord, expert_uid, fetch_latest, parse_expert_uid
+from protos.plumbing.dht import fetch_latest
+from protos.records import PeerRecord, expert_uid, parse_expert_uid
 
 if TYPE_CHECKING:
     from hivemind import DHT

@@ -16,6 +16,7 @@ new garbage as usual.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hivemind import DHT
+    from hivemind.dht.node import DHTNode
     from hivemind.utils.crypto import RSAPrivateKey
 
 # while a fork_safe_gc() block runs: whether its forked children turn the collector back on
@@ -88,3 +90,19 @@ def start_dht(
     except P2PDaemonError as e:
         what = "join the swarm through --initial-peers" if initial_peers else f"start a DHT node on {host}:{port}"
         raise SwarmJoinError(f"cannot {what}: {str(e).strip().splitlines()[-1]}") from None
+
+
+async def _get_latest(dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, dict[str, tuple[object, float]]]:
+    # runs inside the DHT process; returns plain picklable data
+    found = await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
+    out: dict[str, dict[str, tuple[object, float]]] = {}
+    for key, entry in found.items():
+        if entry is not None and isinstance(entry.value, dict):  # a dictionary key: subkey -> value
+            out[key] = {sk: (v.value, v.expiration_time) for sk, v in entry.value.items()}
+    return out
+
+
+async def fetch_latest(dht: DHT, keys: Sequence[str]) -> dict[str, dict[str, tuple[object, float]]]:
+    """uid -> {peer id: (raw record, expiration)}, the freshest the DHT holds (untrusted: parse
+    each record with PeerRecord.from_dict)."""
+    return await dht.run_coroutine(functools.partial(_get_latest, keys=list(keys)), return_future=True)

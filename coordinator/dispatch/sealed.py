@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import envelope, tensors
-from . import expert_service_pb2 as pb
-from .envelope import EnvelopeError, Identity, SessionKeys
-from .records import parse_expert_uid
+from protos import envelope, tensors
+from protos import expert_service_pb2 as pb
+from protos.envelope import EnvelopeError, Identity, SessionKeys
+from protos.records import parse_expert_uid
 
 
 def hello(identity: Identity, peer_kx: bytes) -> tuple[pb.SessionHello, SessionKeys]:
