@@ -12,8 +12,8 @@ from coordinator.dispatch.dispatcher import Dispatcher, DispatchResult, ScoresFn
 from coordinator.dispatch.loop import LoopThread
 from coordinator.dispatch.swarm import SwarmView
 from coordinator.dispatch.transport import Channels, Sessions
-from protos import DEFAULT_MAX_MESSAGE_BYTES
 from protos.envelope import Identity
+from protos.limits import DEFAULT_MAX_MESSAGE_BYTES
 from protos.plumbing.dht import start_dht
 
 

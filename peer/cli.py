@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from protos import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS
+from protos.limits import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_QUEUE_ROWS, DEFAULT_MAX_ROWS
 from protos.plumbing.cliconfig import install as with_config
 from protos.plumbing.dht import SwarmJoinError
 

@@ -16,13 +16,13 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from .envelope import PUBLIC_KEY_LEN, SIGNATURE_LEN, fingerprint, kx_statement, verify
+from .limits import MAX_ENDPOINT_LEN
 
 if TYPE_CHECKING:
     from .envelope import Identity
 
 UID_SEPARATOR = "/"
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_ENDPOINT_LEN = 256
 
 
 class PeerState(StrEnum):

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from protos import expert_service_pb2 as pb
+from protos.limits import MAX_NDIM
 
 # Wire names are stable; never reuse one for another dtype.
 DTYPES: dict[str, torch.dtype] = {
@@ -20,7 +21,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-MAX_NDIM = 4
 # Decoded inputs wrap the message's read-only bytes and nothing writes into them. Filtered
 # once here: catch_warnings() per call would race between the loop and compute threads.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

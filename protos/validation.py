@@ -17,9 +17,8 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 
+from .limits import MAX_RECORD_BYTES
 from .records import PeerRecord
-
-MAX_RECORD_BYTES = 2048
 
 
 class PeerRecordValidator(RecordValidatorBase):

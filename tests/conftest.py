@@ -82,7 +82,7 @@ def stub(swarm: LocalSwarm):
     import grpc
 
     from protos import expert_service_pb2_grpc as pb_grpc
-    from protos import grpc_options
+    from protos.limits import grpc_options
 
     channel = grpc.insecure_channel(peer(swarm, "peer-a").info["endpoint"], options=grpc_options(64 << 20))
     yield pb_grpc.ExpertServiceStub(channel)

@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.cli import build_parser as swarm_parser
 from peer.cli import build_parser as peer_parser
-from protos import DEFAULT_MAX_ROWS
+from protos.limits import DEFAULT_MAX_ROWS
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def test_subcommand_tables_override_top_level_keys(tmp_path):
     assert args.timeout == 9.0 and isinstance(args.timeout, float)
     assert args.initial_peers == ["/ip4/10.0.0.1/tcp/1/p2p/A"]  # satisfied a required flag
     assert args.no_hedge is True
-    assert args.model == Path("m")  # the flag's own type applies
+    assert args.model == "m"  # a folder or a Hub repo id, as given
     bench = swarm_parser().parse_args(["bench", "layer", "--config", str(cfg)])
     assert bench.tokens == 16
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from coordinator.models.toy_stack import ToyMoEStack
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
-from protos import grpc_options, toy_model
+from protos import toy_model
+from protos.limits import grpc_options
 
 from .conftest import PEER_SPECS, TINY, peer
 

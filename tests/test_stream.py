@@ -21,8 +21,9 @@ from peer.service.settings import DEFAULT_MAX_STREAM_REQUESTS, Access, ServiceLi
 from peer.service.stream import stream_deadline
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
-from protos import grpc_options, tensors
+from protos import tensors
 from protos.envelope import Identity
+from protos.limits import grpc_options
 from protos.records import PeerState
 from protos.toy_model import ToyConfig
 

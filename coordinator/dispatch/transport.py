@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from coordinator.dispatch import sealed
-from protos import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.envelope import EnvelopeError, Identity, SessionKeys
+from protos.limits import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 
 # Requests up to this many payload bytes go on the peer's stream; bigger ones as unary calls,
 # each on its own HTTP/2 stream, so a big message never holds back the small ones behind it.

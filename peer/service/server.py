@@ -8,7 +8,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from protos import expert_service_pb2 as pb
-from protos import grpc_options
+from protos.limits import grpc_options
 
 from .servicer import ExpertServicer
 
