@@ -68,7 +68,7 @@ def test_env_values_are_parsed_like_the_command_line(monkeypatch):
     monkeypatch.setenv("MOE_SWARM_FALLBACK", "drop")
     args = swarm_parser().parse_args(["generate"])
     assert args.initial_peers == ["/ip4/a/tcp/1/p2p/A", "/ip4/b/tcp/2/p2p/B"]
-    assert (args.no_hedge, args.model, args.prompt, args.fallback) == (True, Path("/models/x"), "once upon", "drop")
+    assert (args.no_hedge, args.model, args.prompt, args.fallback) == (True, "/models/x", "once upon", "drop")
     monkeypatch.setenv("MOE_SWARM_NO_HEDGE", "0")
     assert swarm_parser().parse_args(["generate"]).no_hedge is False
 
