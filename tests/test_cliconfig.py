@@ -79,7 +79,7 @@ def test_mutually_exclusive_flags_resolve_by_precedence(tmp_path, monkeypatch):
     assert (args.checkpoint, args.model, args.seed) == (Path("/ckpt"), None, None)
     monkeypatch.setenv("MOE_PEER_MODEL", "/hf")  # env beats the file's choice of source
     args = serve("--config", str(cfg))
-    assert (args.checkpoint, args.model, args.seed) == (None, Path("/hf"), None)
+    assert (args.checkpoint, args.model, args.seed) == (None, "/hf", None)
     args = serve("--config", str(cfg), "--seed", "3")  # and the command line beats both
     assert (args.checkpoint, args.model, args.seed) == (None, None, 3)
 
