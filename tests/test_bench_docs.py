@@ -14,6 +14,8 @@ import pytest
 
 from coordinator.cli import build_parser as swarm_parser
 
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 TOOL = "coordinator.bench."

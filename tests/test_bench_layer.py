@@ -11,6 +11,7 @@ import pytest
 from coordinator.bench.timing import spread
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("total", "rounds", "blocks"),
     [(200, 5, [40] * 5), (7, 3, [3, 2, 2]), (15, 5, [3] * 5), (2, 4, [1, 1, 1, 1])],

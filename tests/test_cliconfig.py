@@ -31,6 +31,7 @@ def serve(*argv: str):
     return peer_parser().parse_args(["serve", *argv])
 
 
+@pytest.mark.unit
 def test_precedence_cli_over_env_over_file_over_default(tmp_path, monkeypatch):
     assert serve("--seed", "0").max_rows == DEFAULT_MAX_ROWS
     cfg = write(tmp_path, "max-rows = 100\nport = 7001\n")
@@ -45,6 +46,7 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path, monkeypatch):
     assert serve("--seed", "0").port == 7001
 
 
+@pytest.mark.unit
 def test_subcommand_tables_override_top_level_keys(tmp_path):
     cfg = write(
         tmp_path,
@@ -60,6 +62,7 @@ def test_subcommand_tables_override_top_level_keys(tmp_path):
     assert bench.tokens == 16
 
 
+@pytest.mark.unit
 def test_env_values_are_parsed_like_the_command_line(monkeypatch):
     monkeypatch.setenv("MOE_SWARM_INITIAL_PEERS", "/ip4/a/tcp/1/p2p/A '/ip4/b/tcp/2/p2p/B'")
     monkeypatch.setenv("MOE_SWARM_NO_HEDGE", "yes")
@@ -73,6 +76,7 @@ def test_env_values_are_parsed_like_the_command_line(monkeypatch):
     assert swarm_parser().parse_args(["generate"]).no_hedge is False
 
 
+@pytest.mark.unit
 def test_mutually_exclusive_flags_resolve_by_precedence(tmp_path, monkeypatch):
     cfg = write(tmp_path, '[serve]\ncheckpoint = "/ckpt"\n')
     args = serve("--config", str(cfg))
@@ -84,6 +88,7 @@ def test_mutually_exclusive_flags_resolve_by_precedence(tmp_path, monkeypatch):
     assert (args.checkpoint, args.model, args.seed) == (None, None, 3)
 
 
+@pytest.mark.unit
 def test_conflicting_env_vars_are_a_usage_error(monkeypatch, capsys):
     monkeypatch.setenv("MOE_PEER_MODEL", "/hf")
     monkeypatch.setenv("MOE_PEER_SEED", "1")
@@ -95,6 +100,7 @@ def test_conflicting_env_vars_are_a_usage_error(monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("toml", "env", "message"),
     [
@@ -130,6 +136,7 @@ def test_bad_config_file_from_the_real_cli_is_an_error_line_not_a_traceback(tmp_
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.unit
 def test_help_names_the_environment_variables(capsys):
     with pytest.raises(SystemExit):
         serve("--help")

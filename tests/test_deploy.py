@@ -76,6 +76,7 @@ def makefile_torch() -> str:
     return re.search(r"^TORCH \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("name", "index"), [("Dockerfile", r"/whl/cu\d+$"), ("Dockerfile.cpu", r"/whl/cpu$")])
 def test_dockerfiles(name, index, monkeypatch, capsys):
     ins = dockerfile(name)
@@ -109,6 +110,7 @@ def test_dockerfiles(name, index, monkeypatch, capsys):
     assert "31330" in next(rest for op, rest in ins if op == "EXPOSE").split()
 
 
+@pytest.mark.unit
 def test_compose_local_swarm(monkeypatch, capsys):
     doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = doc["services"]
@@ -140,7 +142,7 @@ def test_compose_local_swarm(monkeypatch, capsys):
     assert sorted(fixed[0] + fixed[1]) == [(la, e) for la in range(2) for e in range(8)]
     assert peers["peer3"].experts == "auto" and peers["peer3"].memory_budget
     gen = parsed["coordinator"]
-    assert gen.command == "generate" and gen.model == peers["peer1"].model == Path("/model")
+    assert gen.command == "generate" and gen.model == peers["peer1"].model == "/model"
     assert set(services["coordinator"]["depends_on"]) == set(peers)
     bootstrap_health = services["bootstrap"]["healthcheck"]["test"]
     assert bootstrap_health[-1] == str(ready)
@@ -155,6 +157,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.unit
 def test_systemd_unit(monkeypatch, capsys):
     unit = configparser.RawConfigParser(strict=False, interpolation=None, delimiters=("=",), comment_prefixes=("#",))
     unit.optionxform = str  # systemd keys are case-sensitive

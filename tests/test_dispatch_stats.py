@@ -20,6 +20,8 @@ from coordinator.sim.report import build_report, live_view, print_report
 from coordinator.sim.schedule import PeerPlan
 from coordinator.sim.workload import RequestRecord
 
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
+
 
 def sample_value(name: str, hint: object, n: int) -> object:
     """A non-default value for a field of this type, distinct per field and per `n`."""

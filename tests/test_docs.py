@@ -13,6 +13,8 @@ from coordinator.cli import build_parser as swarm_parser
 from peer.cli import build_parser as peer_parser
 from protos.plumbing.cliconfig import env_vars
 
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["architecture.md", "protocol.md", "running-a-peer.md", "joining.md", "troubleshooting.md"]
 PARSERS = {"moe-peer": peer_parser, "moe-swarm": swarm_parser}

@@ -12,6 +12,7 @@ from protos import envelope
 from protos.envelope import EnvelopeError, Identity, ReplayWindow
 
 
+@pytest.mark.unit
 def test_key_file_is_private_and_reloads_the_same_identity(tmp_path):
     path = tmp_path / "keys" / "peer.key"
     a = Identity.load_or_create(path)
@@ -22,6 +23,7 @@ def test_key_file_is_private_and_reloads_the_same_identity(tmp_path):
         Identity.generate().save(path)  # never overwrites an identity
 
 
+@pytest.mark.unit
 def test_readable_key_file_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "peer.key"
     Identity.generate().save(path)
@@ -30,6 +32,7 @@ def test_readable_key_file_is_refused_with_the_fix(tmp_path):
         Identity.load(path)
 
 
+@pytest.mark.unit
 def test_a_directory_as_key_file_is_named_as_such(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         Identity.load(tmp_path)
@@ -45,6 +48,7 @@ def test_keygen_cli(tmp_path):
     assert again.returncode == 2 and "not overwriting" in again.stderr
 
 
+@pytest.mark.unit
 def test_both_sides_derive_the_same_session_and_only_they_can_open():
     client, peer = Identity.generate(), Identity.generate()
     hello, keys = envelope.client_hello(client, peer.kx_public)
@@ -58,6 +62,7 @@ def test_both_sides_derive_the_same_session_and_only_they_can_open():
             envelope.open_sealed(aead, counter, sealed, ad)
 
 
+@pytest.mark.unit
 def test_forged_and_stale_hellos_are_refused():
     client, peer, mallory = Identity.generate(), Identity.generate(), Identity.generate()
     hello, _ = envelope.client_hello(client, peer.kx_public)
@@ -79,6 +84,7 @@ def test_forged_and_stale_hellos_are_refused():
         envelope.accept_hello(other_peer, hello)
 
 
+@pytest.mark.unit
 def test_replay_window_accepts_each_counter_once():
     w = ReplayWindow(size=64)
     assert all(w.accept(c) for c in (5, 3, 4, 100, 99))

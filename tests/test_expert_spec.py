@@ -4,6 +4,8 @@ import pytest
 
 from protos.expert_spec import parse_expert_spec
 
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
+
 
 def test_ranges_and_wildcards():
     assert parse_expert_spec("0:0-2,1:*", num_layers=2, num_experts=4) == [

@@ -12,6 +12,8 @@ import torch
 from coordinator.models.tiny import build_tiny_model
 from protos.hf_checkpoint import CheckpointError, HFCheckpoint, load_manifest
 
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):

@@ -81,6 +81,7 @@ class InProcessExperts:
         return DispatchResult(out.view(k, num_tokens, -1).transpose(0, 1), answered, experts)
 
 
+@pytest.mark.unit
 def test_llama4_top2_sends_each_slot_scaled(tmp_path):
     # Llama4 routes top-1; with top-2 each token's input differs per chosen expert (one
     # dispatch per slot) and the answers add in ascending expert order, as transformers sums

@@ -33,6 +33,7 @@ def test_bad_configuration_exits_with_message(args, words):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 def test_parse_cpu_list():
     from peer.host import parse_cpu_list
 

@@ -21,6 +21,7 @@ def torch_threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ffn", [48, 30])  # 30: not 16-byte aligned, takes the per-expert loop
 @pytest.mark.parametrize(
     "layout",
@@ -60,6 +61,7 @@ def _forward_and_reference(cfg: ToyConfig, layout, device: str) -> tuple[torch.T
 
 # Half-precision experts on CPU and, where there is one, the CUDA path (grouped GEMM for aligned
 # widths, the per-expert loop for others): output within the dtype's rounding of the float64 math.
+@pytest.mark.unit
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("ffn", [64, 30])
@@ -80,6 +82,7 @@ def test_forward_on_each_device_and_dtype(device, dtype, ffn, layout):
     assert (got - want).abs().max().item() <= tolerance
 
 
+@pytest.mark.unit
 def test_padding_is_bounded():
     assert padded_span([4, 3, 4, 4], threads=2) == (0, 4, 4)
     assert padded_span([6, 6, 0, 6], threads=2) == (0, 4, 6)  # 24 padded rows for 18 real ones
@@ -89,6 +92,7 @@ def test_padding_is_bounded():
     assert padded_span([1, 1, 1, 12], threads=2) is None  # 48 padded rows for 15 real ones
 
 
+@pytest.mark.unit
 def test_only_assigned_experts_are_loaded(tmp_path):
     cfg = ToyConfig(num_layers=2, num_experts=4, hidden_dim=16, ffn_dim=32)
     toy_model.save_checkpoint(tmp_path, cfg, seed=1)
@@ -97,6 +101,7 @@ def test_only_assigned_experts_are_loaded(tmp_path):
     assert list(hosted.layers) == [1] and hosted.layers[1].w13.shape == (2, 16, 64)
 
 
+@pytest.mark.unit
 def test_tampered_weights_are_refused(tmp_path):
     cfg = ToyConfig(num_layers=1, num_experts=2, hidden_dim=8, ffn_dim=8)
     toy_model.save_checkpoint(tmp_path, cfg, seed=1)
@@ -108,6 +113,7 @@ def test_tampered_weights_are_refused(tmp_path):
         HostedExperts.from_checkpoint(tmp_path, "*", torch.device("cpu"))
 
 
+@pytest.mark.unit
 def test_merged_requests_equal_separate_ones():
     from peer.batcher import merged_forward
 
@@ -125,6 +131,7 @@ def test_merged_requests_equal_separate_ones():
         assert (got - hosted.forward(x, segments)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.unit
 def test_micro_batcher_merges_what_queues_while_busy():
     import asyncio
     from concurrent.futures import ThreadPoolExecutor

@@ -13,6 +13,7 @@ from protos.expert_spec import format_expert_spec
 from .conftest import TINY
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "value"), [("8GiB", 8 << 30), ("512MB", 512 * 10**6), ("1.5kib", 1536), ("1048576", 1 << 20)]
 )
@@ -20,12 +21,14 @@ def test_sizes(text, value):
     assert parse_bytes(text) == value
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["", "GiB", "8 parsecs", "-1GiB"])
 def test_bad_sizes_say_why(text):
     with pytest.raises(ValueError, match="bad size"):
         parse_bytes(text)
 
 
+@pytest.mark.unit
 def test_least_covered_first_within_budget():
     pairs = [(0, e) for e in range(6)]
     replicas = {(0, 0): 2, (0, 1): 0, (0, 2): 1, (0, 3): 0, (0, 4): 3, (0, 5): 1}
@@ -67,6 +70,7 @@ def test_three_peers_with_a_third_of_the_budget_cover_every_expert(swarm, tmp_pa
     assert set().union(*hosted) == set(manifest.uids())
 
 
+@pytest.mark.unit
 def test_better_placement_needs_a_strict_gain_in_weakest_coverage():
     pairs = [(0, e) for e in range(4)]
     others = {(0, 0): 1, (0, 1): 1, (0, 2): 0, (0, 3): 0}

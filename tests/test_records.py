@@ -5,6 +5,8 @@ import pytest
 from protos.envelope import Identity
 from protos.records import PeerRecord, PeerState, expert_uid, parse_expert_uid
 
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
+
 IDENTITY = Identity.generate()
 OWNER = b"[owner:ssh-rsa AAAAowner]"
 GOOD = PeerRecord.signed(

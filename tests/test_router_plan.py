@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from coordinator.dispatch.dispatcher import Dispatcher
@@ -10,6 +11,8 @@ from coordinator.dispatch.health import HealthCache
 from coordinator.dispatch.plan import group_by_expert
 from coordinator.dispatch.swarm import Replica
 from protos.records import PeerRecord, PeerState
+
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
 
 
 class FixedView:

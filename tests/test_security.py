@@ -349,6 +349,7 @@ def test_forgotten_session_is_reopened_without_failing_the_call(client, tiny_che
     assert all(s.keys.session_id != b"" for s in sessions.values())
 
 
+@pytest.mark.unit
 def test_session_table_is_bounded_and_forgets_idle_sessions():
     from peer.sessions import SessionTable
 

@@ -142,6 +142,7 @@ def test_ctrl_c_stops_everything(tmp_path, cache):
 # ---- pure logic: the plan and the impairment --------------------------------------------
 
 
+@pytest.mark.unit
 def test_schedule_is_deterministic_and_keeps_a_replica_up():
     plans = plan_peers(8, 8, 2, seed=5, slow_fraction=0.25, slowdown=3, latency_ms=20)
     assert [p.experts for p in plans[:4]] == [p.experts for p in plans[4:]] == ["*:0-1", "*:2-3", "*:4-5", "*:6-7"]
@@ -160,6 +161,7 @@ def test_schedule_is_deterministic_and_keeps_a_replica_up():
                 assert o_end <= e.at or o.at >= end, (e, o)
 
 
+@pytest.mark.unit
 def test_schedule_file_round_trip_and_validation(tmp_path):
     path = tmp_path / "s.json"
     events = [FaultEvent(1.5, "kill", "peer1", duration=2), FaultEvent(3, "join", "new", experts="*:0-3")]
@@ -172,6 +174,7 @@ def test_schedule_file_round_trip_and_validation(tmp_path):
         FaultEvent(1, "explode", "peer0")
 
 
+@pytest.mark.unit
 def test_impairment_delays_and_loses_deterministically():
     imp = Impairment(slowdown=3, latency_ms=10, jitter_ms=4, seed=1)
     delays = [imp.delay_ms(5.0) for _ in range(200)]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hivemind.utils import get_dht_time
 
 from coordinator.dispatch.swarm import Replica, SwarmView
 from protos.records import PeerRecord, PeerState
+
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
 
 
 def record(state: PeerState = PeerState.ONLINE) -> PeerRecord:

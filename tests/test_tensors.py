@@ -9,6 +9,8 @@ from protos import tensors
 from protos.limits import MAX_NDIM
 from protos.tensors import TensorCodecError
 
+pytestmark = pytest.mark.unit  # pure logic: the fast subset
+
 
 @settings(max_examples=60, deadline=None)
 @given(
