@@ -202,4 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError, ImportError, SwarmJoinError) as e:
         print(f"moe-peer: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the node handles signals itself: nothing to drain yet
+        print("moe-peer: interrupted while starting", file=sys.stderr)
+        return 130
     return 0

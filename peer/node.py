@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moe-peer")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# each DHT write while leaving waits at most this long: a DHT child killed with the process
+# group (`timeout`, `kill -- -PGID`, a supervisor) must not hold the leave forever
+LEAVE_DHT_STEP_S = 3.0
 
 Pair = tuple[int, int]  # (layer, expert)
 
@@ -79,6 +83,8 @@ class PeerNode:
         self.hosted: list[Pair] = []
         self._stop = asyncio.Event()
         self._signals = False  # stop handlers installed on the loop
+        self._task: asyncio.Task | None = None  # run(): a second stop signal cancels it
+        self._forced = False
 
     @property
     def peer_id(self) -> str:
@@ -86,16 +92,30 @@ class PeerNode:
 
     async def run(self) -> None:
         """Start, serve until stopped, then drain and leave."""
+        self._task = asyncio.current_task()
         try:
             await self.start()
             await self.serve_until_stopped()
             await self.drain()
+        except asyncio.CancelledError:
+            if not self._forced:
+                raise
         finally:
             await self.close()
 
     def stop(self) -> None:
         """Ask a running node to drain and leave."""
         self._stop.set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        """The first SIGINT/SIGTERM drains and leaves; a second one leaves at once."""
+        if not self._stop.is_set():
+            log.info("%s: draining (a second signal stops at once)", sig.name)
+            self.stop()
+        elif self._task is not None and not self._task.done():
+            log.warning("%s again: stopping now, without draining", sig.name)
+            self._forced = True
+            self._task.cancel()
 
     async def start(self) -> None:
         """Load the experts, join the DHT, serve gRPC and announce: ONLINE once it returns."""
@@ -161,7 +181,7 @@ class PeerNode:
         if self.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in STOP_SIGNALS:
-                loop.add_signal_handler(sig, self.stop)
+                loop.add_signal_handler(sig, self._on_signal, sig)
             self._signals = True
 
     async def _go_online(self) -> None:
@@ -238,13 +258,33 @@ class PeerNode:
         """Leave gracefully: DRAINING (readers stop choosing us), in-flight work finishes within
         the drain timeout, then LEFT tombstones replace our records."""
         timeout = self.config.drain_timeout
-        log.info("leaving: draining in-flight requests (up to %.0fs)", timeout)
+        log.info(
+            "leaving: finishing %d in-flight rows (up to %.0fs), then withdrawing our records",
+            self.servicer.load,
+            timeout,
+        )
         self.servicer.state = PeerState.DRAINING
         await self.announcer.stop_refreshing()
-        await self.announcer.announce()  # readers stop choosing us while in-flight work finishes
+        # readers stop choosing us while in-flight work finishes
+        await self._leave_step(self.announcer.announce(), "announce that we are draining")
         await self.server.stop(grace=timeout)
-        await self.announcer.withdraw()
-        log.info("withdrawn from the DHT; served %d requests", self.servicer.served_requests)
+        if await self._leave_step(self.announcer.withdraw(), "withdraw our records"):
+            log.info("withdrawn from the DHT; served %d requests", self.servicer.served_requests)
+
+    async def _leave_step(self, write: Coroutine[None, None, None], what: str) -> bool:
+        """One DHT write while leaving, bounded: whatever state the DHT child is in, leaving
+        finishes within the drain timeout plus a few seconds."""
+        expire = 3 * self.config.announce_period
+        if self.dht is None or not self.dht.is_alive():
+            write.close()
+            log.warning("the DHT node is gone: cannot %s; our records expire within %.0fs", what, expire)
+            return False
+        try:
+            await asyncio.wait_for(write, LEAVE_DHT_STEP_S)
+            return True
+        except Exception as e:  # a dead daemon, a timeout: leave anyway
+            log.warning("could not %s (%s); our records expire within %.0fs", what, type(e).__name__, expire)
+            return False
 
     async def close(self) -> None:
         """Stop whatever start() got to: server, compute threads, DHT node."""

@@ -35,6 +35,15 @@ class PeerState(StrEnum):
     def serving(self) -> bool:
         return self is PeerState.ONLINE
 
+    @property
+    def refusal(self) -> str:
+        """The UNAVAILABLE detail a peer in this state answers requests with: coordinators read
+        it as "not serving now" (go elsewhere, no ban), not as a failure."""
+        return f"{NOT_SERVING}: {self.value}"
+
+
+NOT_SERVING = "peer is not serving"
+
 
 def expert_uid(model_id: str, layer: int, expert: int) -> str:
     if not _MODEL_ID_RE.match(model_id):

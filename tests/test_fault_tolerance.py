@@ -235,3 +235,4 @@ def test_graceful_leave_under_load_fails_no_request(swarm, toy_ckpt):
     assert not errors and len(outputs) > before > 0
     assert all((out - want).abs().max().item() <= 1e-5 for out in outputs)
     assert stats.exact == stats.routed and stats.dropped == stats.rerouted == 0
+    assert stats.bans == 0, "a peer that said it is leaving was banned for it"

@@ -69,6 +69,7 @@ class Exchange:
                 f"peer {replica.peer_id} at {replica.record.endpoint} failed experts [{uids}]: "
                 f"{e.code().name}: {e.details()}",
                 e.code(),
+                e.details() or "",
             ) from None
         except (EnvelopeError, tensors.TensorCodecError) as e:
             raise RemoteExpertError(f"peer {replica.peer_id} at {replica.record.endpoint}: {e}", None) from None

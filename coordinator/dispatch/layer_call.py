@@ -22,6 +22,7 @@ import torch
 from coordinator.dispatch.exchange import Answer
 from coordinator.dispatch.health import PeerHealth
 from coordinator.dispatch.plan import PeerCall
+from coordinator.dispatch.result import RemoteExpertError
 from coordinator.dispatch.verify import Receipt
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFRESH_ON_MISS_S = 1.0  # an expert without a replica re-reads the DHT at most this often
+# a peer that answered "not serving" (draining, joining) is skipped this long: by then its DHT
+# record says so too, or it is back online
+LEAVING_SKIP_S = 30.0
 
 
 class LayerCall:
@@ -152,16 +156,20 @@ class LayerCall:
             offset += rows
 
     def on_failure(self, call: PeerCall, error: BaseException) -> None:
-        """Ban the peer (unless it was only overloaded) and send its unanswered experts elsewhere."""
+        """Ban the peer (unless it was only overloaded, or said it is leaving) and send its
+        unanswered experts elsewhere."""
         peer = call.replica.peer_id
         refused = getattr(error, "code", None) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        if not refused:  # overloaded, not broken: go elsewhere, no ban
+        leaving = isinstance(error, RemoteExpertError) and error.not_serving
+        if leaving:  # skipped until its DHT record says so too, without a failure streak
+            self.health.ban(peer, LEAVING_SKIP_S)
+        elif not refused:  # overloaded, not broken: go elsewhere, no ban
             self.health.fail(peer)
         retry = [e for e in call.experts if e not in self.answers]
         for expert in retry:
             self.tried[expert].add(peer)
         # counted whether a hedge already covers the expert or a new call is sent
-        self.stats.record_failure(refused, len(retry))
+        self.stats.record_failure(refused or leaving, len(retry), leaving=leaving)
         retry = [e for e in retry if not self.covering(e)]
         if retry:
             self.launch(retry)

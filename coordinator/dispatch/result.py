@@ -8,6 +8,8 @@ import grpc
 import numpy as np
 import torch
 
+from protos.records import NOT_SERVING
+
 
 class DispatchError(RuntimeError):
     """A layer call could not be completed; the message names the experts and peers."""
@@ -18,9 +20,15 @@ class ExpertUnavailableError(DispatchError):
 
 
 class RemoteExpertError(DispatchError):
-    def __init__(self, message: str, code: grpc.StatusCode | None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None, details: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.details = details  # the peer's own words, for refusals that are not failures
+
+    @property
+    def not_serving(self) -> bool:
+        """The peer is joining, draining or gone: it said so, it did not fail."""
+        return self.code == grpc.StatusCode.UNAVAILABLE and self.details.startswith(NOT_SERVING)
 
 
 @dataclass

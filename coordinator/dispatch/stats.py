@@ -35,6 +35,7 @@ class DispatchStats:
     hedges: int = 0  # duplicate calls sent because the first was slower than its peer's p95
     bans: int = 0  # every ban: failed calls, bad receipts and proven cheaters
     refusals: int = 0  # RESOURCE_EXHAUSTED answers (peer overloaded): retried elsewhere, no ban
+    leaving: int = 0  # answers of a peer that is draining or joining: retried elsewhere, no ban
     bad_receipts: int = 0  # answers whose receipt did not verify (the peer is banned)
     spot_checks: int = 0  # experts recomputed on a second replica to verify the first
     spot_unresolved: int = 0  # disagreements no third replica could settle
@@ -59,9 +60,11 @@ class DispatchStats:
     def record_peer_compute(self, ms: float) -> None:
         self.peer_compute_ms.append(ms)
 
-    def record_failure(self, refused: bool, retried: int) -> None:
-        """A failed Forward: refused (overloaded, no ban) or banned; `retried` experts to send again."""
-        if refused:
+    def record_failure(self, refused: bool, retried: int, leaving: bool = False) -> None:
+        """A failed Forward: refused (overloaded or leaving: no ban) or banned; `retried` experts to send again."""
+        if leaving:
+            self.leaving += 1
+        elif refused:
             self.refusals += 1
         else:
             self.bans += 1

@@ -18,6 +18,7 @@ _COUNTERS = {
     "hedges": "hedged duplicate calls sent",
     "bans": "peers banned: failed calls, bad receipts and proven cheaters",
     "refusals": "RESOURCE_EXHAUSTED answers (retried elsewhere)",
+    "leaving": "answers of peers that are draining or joining (retried elsewhere, no ban)",
     "spot_checks": "experts recomputed on a second replica",
     "spot_unresolved": "spot-check disputes no third replica settled",
     "cheaters_banned": "peers proven wrong by spot checks",

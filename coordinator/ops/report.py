@@ -46,8 +46,8 @@ def counts_line(stats: DispatchStats) -> str:
         f"peer); token-expert pairs: {stats.routed} routed = {stats.exact} exact + {stats.rerouted} rerouted + "
         f"{stats.dropped} dropped; {stats.retries} retries, {stats.hedges} hedges, {stats.bans} bans "
         f"({stats.cheaters_banned} proven cheaters, {stats.bad_receipts} bad receipts), "
-        f"{stats.refusals} overload refusals; spot checks: {stats.spot_checks} experts recomputed, "
-        f"{stats.spot_unresolved} disputes unresolved"
+        f"{stats.refusals} overload refusals, {stats.leaving} answers of leaving peers; "
+        f"spot checks: {stats.spot_checks} experts recomputed, {stats.spot_unresolved} disputes unresolved"
     )
 
 

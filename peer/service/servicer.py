@@ -94,7 +94,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         if request is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
         if self.state is not PeerState.ONLINE:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state.value}")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, self.state.refusal)
         segments, rows, data = steps.validate(request, self.experts, self.limits)
         if deadline is not None and time.monotonic() >= deadline:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
