@@ -15,7 +15,15 @@ from .conftest import TINY
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    ("text", "value"), [("8GiB", 8 << 30), ("512MB", 512 * 10**6), ("1.5kib", 1536), ("1048576", 1 << 20), ("8G", 8 << 30), ("512m", 512 << 20)]
+    ("text", "value"),
+    [
+        ("8GiB", 8 << 30),
+        ("512MB", 512 * 10**6),
+        ("1.5kib", 1536),
+        ("1048576", 1 << 20),
+        ("8G", 8 << 30),
+        ("512m", 512 << 20),
+    ],
 )
 def test_sizes(text, value):
     assert parse_bytes(text) == value
