@@ -66,3 +66,19 @@ def test_peers_and_generate_download_their_share_and_equal_the_local_model(tmp_p
         want = local.generate(ids, max_new_tokens=NEW, do_sample=False, attention_mask=torch.ones_like(ids))
     assert result.stdout.strip() == tok.decode(want[0], skip_special_tokens=True).strip()
     assert "0 rerouted + 0 dropped" in result.stderr
+
+
+def test_auto_placement_downloads_only_the_experts_it_picked(tmp_path):
+    full = save_sharded(tmp_path / "full")
+    experts = expert_spans(full)
+    one_expert = sum(total(s) for s in expert_spans(full, [(0, 0)]).values())
+    with HubServer() as hub, LocalSwarm(tmp_path / "swarm") as swarm:
+        hub.add_repo(REPO, full)
+        swarm.start_bootstrap()
+        argv = ["--model", REPO, "--experts", "auto", "--memory-budget", str(3 * one_expert), "--threads", "1"]
+        (peer,) = swarm.start_peers({"hub-auto": argv}, env={"hub-auto": _hub_env(hub, str(tmp_path / "hf-auto"))})
+        log = hub.take_log()
+        picked = [tuple(int(x) for x in uid.rsplit("/", 2)[1:]) for uid in peer.info["experts"]]
+        swarm.stop_many([peer], signal.SIGTERM)
+    assert len(picked) == 3  # what the budget holds
+    assert sent_inside(log, experts) == sent_inside(log, expert_spans(full, picked)) == 3 * one_expert
