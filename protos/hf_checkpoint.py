@@ -18,6 +18,7 @@ stacked tensor), from whichever shard holds them (`model.safetensors.index.json`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -25,11 +26,13 @@ import os
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from protos.plumbing.files import write_json_atomic
@@ -138,18 +141,21 @@ class HFCheckpoint(HFLayout):
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{self.path} is not a Hugging Face checkpoint: config.json is missing")
-        super().__init__(str(self.path), json.loads(config_file.read_text()), self._index_keys())
+        super().__init__(str(self.path), _read_json(config_file), self._index_keys())
 
     def _index_keys(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
+            try:
+                return dict(_read_json(index)["weight_map"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.path}: no *.safetensors files")
         keys = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
+            with _opened(file) as f:
                 keys.update(dict.fromkeys(f.keys(), file.name))
         return keys
 
@@ -166,10 +172,27 @@ class HFCheckpoint(HFLayout):
         return out
 
     def _read(self, src: ExpertSource, expert: int) -> torch.Tensor:
-        with safe_open(str(self.path / self.key_files[src.key]), framework="pt") as f:
+        with _opened(self.path / self.key_files[src.key]) as f:
             if src.stacked:
                 return f.get_slice(src.key)[expert].contiguous()
             return f.get_tensor(src.key)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def _opened(file: Path) -> Iterator[Any]:
+    """safe_open, with a truncated or corrupt file (an interrupted download) named in one line."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}): download it again") from None
 
 
 def _short_name(model_type: str) -> str:

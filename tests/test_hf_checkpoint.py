@@ -71,6 +71,19 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         HFCheckpoint(tmp_path)
 
 
+def test_broken_files_are_named_in_one_line(saved, tmp_path):
+    root, _ = saved
+    shutil.copytree(root / "per_expert", tmp_path / "ckpt")
+    (weights,) = (tmp_path / "ckpt").glob("*.safetensors")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(CheckpointError, match=rf"{weights.name} is not a readable safetensors file .*download it"):
+        HFCheckpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "mixtral",')
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        HFCheckpoint(tmp_path / "ckpt")
+
+
 def test_llama4_experts_are_slices_of_its_stacked_tensors(tmp_path):
     # transformers writes Llama4's experts stacked whatever the format asked: [E, H, 2I], [E, I, H]
     model = build_tiny_model("llama4_text", seed=0)

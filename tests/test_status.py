@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.ops.status import resolve_uids
 from protos import toy_model
 from protos.records import expert_uid
 
@@ -106,9 +109,17 @@ def test_bare_model_id_scans_the_dht_for_the_grid(swarm, gappy):
 
 
 def test_bad_model_id_is_a_cli_error(swarm):
-    proc = status(swarm, "--model", "no such/model")
+    proc = status(swarm, "--model", "no such model")
     assert proc.returncode == 1
-    assert "moe-swarm: error: invalid model id 'no such/model'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "moe-swarm: error: invalid model id 'no such model'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("typo", ["/srv/models/Mixtrl-8x7B", "./tiny-mixtrl", "no such/model"])
+def test_a_mistyped_folder_is_named_as_a_missing_folder(typo):
+    args = argparse.Namespace(checkpoint=None, model=typo, revision=None, layers=None, experts=None)
+    with pytest.raises(ValueError, match=f"{re.escape(typo)}: no such folder"):
+        resolve_uids(args)
 
 
 def test_a_peer_that_left_shows_as_left_and_its_experts_as_missing(swarm, gappy):

@@ -223,7 +223,9 @@ def resolve_uids(args: argparse.Namespace) -> tuple[str, list[str] | None, str]:
         info = checkpoint_info(folder)
         return info.manifest.model_id, info.uids, "checkpoint"
     model_id = args.model
-    expert_uid(model_id, 0, 0)  # ValueError naming the bad id (also catches a mistyped folder path)
+    if "/" in model_id or model_id.startswith((".", "~")):  # a path, not a model id: say which is missing
+        raise ValueError(f"{model_id}: no such folder (--model takes a checkpoint folder, a Hub repo id or a model id)")
+    expert_uid(model_id, 0, 0)  # ValueError naming the bad id
     if args.layers is not None and args.experts is not None:
         uids = [expert_uid(model_id, la, e) for la in range(args.layers) for e in range(args.experts)]
         return model_id, uids, "flags"
