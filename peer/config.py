@@ -20,6 +20,7 @@ from .service.settings import Batching, ServiceLimits
 from .sessions import RateLimiter
 
 DTYPES = ("float32", "bfloat16", "float16")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # bind addresses that announce nothing dialable
 AUTO = "auto"  # --experts auto: the least-covered experts that fit the memory budget
 
 
@@ -89,6 +90,11 @@ class PeerConfig:
             if not self.memory_budget:
                 raise ValueError("--experts auto needs --memory-budget (e.g. 8GiB)")
             parse_bytes(self.memory_budget)
+        if self.host in WILDCARD_HOSTS and not self.announce_host:
+            raise ValueError(
+                f"--host {self.host} listens on every interface but is no address to dial: add --announce-host "
+                "with the address others reach this machine at (its public IP or DNS name)"
+            )
         self.impairment()
         self.rate_limiter()
 

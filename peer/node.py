@@ -133,15 +133,13 @@ class PeerNode:
         release_freed_memory()
         self.throughput = cached_throughput(experts)
         await self._open(experts, access)
+        if cfg.key_file is None:  # said once the start can no longer fail on configuration
+            log.info("using a fresh identity (pass --key-file to keep one across restarts)")
         await self._go_online()
 
     def _access(self) -> Access:
         cfg = self.config
-        if cfg.key_file is not None:
-            identity = Identity.load_or_create(cfg.key_file)
-        else:
-            identity = Identity.generate()
-            log.info("using a fresh identity (pass --key-file to keep one across restarts)")
+        identity = Identity.load_or_create(cfg.key_file) if cfg.key_file is not None else Identity.generate()
         limiter = cfg.rate_limiter()
         allow = read_allowlist(cfg.allow_clients) if cfg.allow_clients is not None else None
         return Access(identity, allow_plaintext=cfg.allow_plaintext, allow_clients=allow, rate_limiter=limiter)
