@@ -22,6 +22,7 @@ from pathlib import Path
 
 from coordinator.dispatch.dispatcher import DispatchError
 from protos.plumbing.cliconfig import install as with_config
+from protos.plumbing.dht import SwarmJoinError
 from protos.plumbing.files import write_json_atomic
 
 
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    if args.command == "bootstrap":
-        return run_bootstrap(args)
     if args.command in ("demo", "bench", "simulate"):
         # these share the machine's cores with the peers they start: one torch thread here
         # stops OpenMP spin-waiting from starving them
@@ -96,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
     try:
-        return run_command(args)
-    except (DispatchError, TimeoutError, ValueError, FileNotFoundError, PermissionError) as e:
+        return run_bootstrap(args) if args.command == "bootstrap" else run_command(args)
+    except (DispatchError, TimeoutError, ValueError, FileNotFoundError, PermissionError, SwarmJoinError) as e:
         print(f"moe-swarm: error: {e}", file=sys.stderr)
         return 1
     except P2PDaemonError as e:  # no DHT node answered at --initial-peers

@@ -115,3 +115,15 @@ def test_unreachable_announced_address_is_refused_with_what_to_do(swarm):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot reach this peer at 127.0.0.1:{dead}" in result.stderr
     assert "--announce-host" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_dht_port_in_use_is_refused_with_one_line(swarm):
+    taken = swarm.initial_peers[0].split("/tcp/")[1].split("/")[0]  # the bootstrap node's port
+    for argv in (
+        ["-m", "peer", "serve", "--seed", "0", "--dht-port", taken],
+        ["-m", "coordinator", "bootstrap", "--port", taken],
+    ):
+        result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0
+        assert f"127.0.0.1:{taken}: Address already in use; pick another port" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

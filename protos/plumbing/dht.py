@@ -61,6 +61,19 @@ class SwarmJoinError(RuntimeError):
     """The DHT node could not start or reach the swarm; the message is one line for the user."""
 
 
+def _require_free(host: str, port: int) -> None:
+    """libp2p's daemon binds with SO_REUSEPORT, so a second node on a taken port starts without
+    a word and the two share its connections: refuse before starting instead."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener conflicts, TIME_WAIT does not
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SwarmJoinError(f"cannot start a DHT node on {host}:{port}: {e.strerror}; pick another port") from None
+
+
 def start_dht(
     initial_peers: Sequence[str] = (),
     *,
@@ -77,6 +90,8 @@ def start_dht(
 
     from protos.validation import dht_validators
 
+    if port:
+        _require_free(host, port)
     try:
         with fork_safe_gc():  # the node is a forked child: see the module's docstring
             return DHT(
