@@ -199,6 +199,9 @@ class PeerNode:
             self.device,
             self.throughput,
         )
+        if not cfg.initial_peers:  # alone, by choice or by mistake: say so, and how others join
+            maddrs = " ".join(str(m) for m in self.dht.get_visible_maddrs())
+            log.warning("no --initial-peers: a swarm of its own; others join it with --initial-peers %s", maddrs)
         if cfg.ready_file:
             ready = {
                 "endpoint": self.endpoint,
