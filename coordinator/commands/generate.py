@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from coordinator.client import SwarmClient
 from coordinator.dispatch.dispatcher import FALLBACK_POLICIES
 from coordinator.models.hf import checkpoint_info, load_swarm_model
+from coordinator.ops.console import console as make_console
 from coordinator.ops.report import print_swarm_summary
 from protos import tensors
 from protos.envelope import Identity
@@ -93,7 +93,7 @@ def print_dry_run(model: str, revision: str | None) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if args.dry_run:
         return print_dry_run(args.model, args.revision)
     needed = {"--prompt": args.prompt, "--initial-peers": args.initial_peers}

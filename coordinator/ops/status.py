@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from coordinator.ops.console import console
 from protos import toy_model
 from protos.expert_spec import format_expert_spec
 from protos.plumbing.dht import fetch_latest
@@ -353,5 +354,5 @@ def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status.to_json(), indent=1))
     else:
-        print_status(Console(), status)
+        print_status(console(), status)
     return 0

@@ -27,6 +27,7 @@ from rich.live import Live
 from coordinator.client import SwarmClient
 from coordinator.dispatch.fallback import FALLBACK_POLICIES
 from coordinator.dispatch.stats import DispatchStats
+from coordinator.ops.console import console as make_console
 from coordinator.sim.local_swarm import LaunchError, LocalSwarm
 from coordinator.sim.peers import Simulation, build_plan
 from coordinator.sim.report import build_report, live_view, plot_report, print_report
@@ -90,7 +91,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run_simulation(args: argparse.Namespace, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     # SIGTERM unwinds like Ctrl-C, so every `with` below stops what it started
     _INTERRUPTED.clear()
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -217,7 +218,7 @@ def _stats(clients: list[SwarmClient]) -> DispatchStats:
 
 
 def _write_report(args: argparse.Namespace, report: dict) -> None:
-    print_report(Console(), report)
+    print_report(make_console(), report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.plot:

@@ -1,0 +1,17 @@
+"""The rich consoles our commands print to."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+# Through a pipe or into a log, rich assumes 80 columns and truncates endpoints, multiaddrs and
+# expert specs; this is wide enough for every table we print, without wrapping.
+LOG_WIDTH = 240
+
+
+def console(stderr: bool = False) -> Console:
+    """A console on stdout (or stderr): the terminal's width on a terminal, LOG_WIDTH elsewhere."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else LOG_WIDTH)
