@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,12 +61,22 @@ class SwarmClient:
         await self.swarm.refresh()
         self.swarm.start()
 
-    def wait_for_experts(self, uids: Sequence[str] | None = None, timeout: float = 30.0) -> None:
-        """Block until every uid has a live replica (peers announce a moment after they start)."""
+    def wait_for_experts(
+        self,
+        uids: Sequence[str] | None = None,
+        timeout: float = 30.0,
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        """Block until every uid has a live replica (peers announce a moment after they start).
+        `progress(covered, total, seconds_left)` hears of the coverage first and whenever it changes."""
         uids = list(uids or self.swarm.uids)
         deadline = time.monotonic() + timeout
+        seen = -1
         while True:
             missing = [u for u in uids if not self.swarm.replicas(u)]
+            if progress is not None and len(missing) != seen:
+                seen = len(missing)
+                progress(len(uids) - seen, len(uids), max(deadline - time.monotonic(), 0.0))
             if not missing:
                 return
             if time.monotonic() > deadline:

@@ -52,3 +52,4 @@ def test_generate_streams_tokens_and_reports_exact_counts(swarm, tmp_path):
     assert result.stdout.strip() == tok.decode(want[0], skip_special_tokens=True).strip()
     assert "tokens/s" in result.stderr
     assert "0 rerouted + 0 dropped" in result.stderr
+    assert "experts with a replica: 16/16" in result.stderr

@@ -115,7 +115,12 @@ def run_generate(args: argparse.Namespace) -> int:
     ) as client:
         console.print(f"model {info.manifest.model_id}: waiting for {len(info.uids)} experts in the swarm")
         try:
-            client.wait_for_experts(timeout=args.wait)
+            client.wait_for_experts(
+                timeout=args.wait,
+                progress=lambda n, total, left: console.print(
+                    f"experts with a replica: {n}/{total}" + (f" ({left:.0f}s left to wait)" if n < total else "")
+                ),
+            )
         except TimeoutError as e:
             if args.fallback == "error":
                 raise
