@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from coordinator.client import SwarmClient
+from coordinator.dispatch import layer_call
 from coordinator.dispatch.dispatcher import FALLBACK_POLICIES
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.ops.console import console as make_console
@@ -94,6 +96,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     console = make_console(stderr=True)
+    # a person watching one generation wants to see each ban as it happens (a simulation does not)
+    logging.getLogger(layer_call.__name__).setLevel(logging.INFO)
     if args.dry_run:
         return print_dry_run(args.model, args.revision)
     needed = {"--prompt": args.prompt, "--initial-peers": args.initial_peers}

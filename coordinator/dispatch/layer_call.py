@@ -164,7 +164,8 @@ class LayerCall:
         if leaving:  # skipped until its DHT record says so too, without a failure streak
             self.health.ban(peer, LEAVING_SKIP_S)
         elif not refused:  # overloaded, not broken: go elsewhere, no ban
-            self.health.fail(peer)
+            seconds = self.health.fail(peer)
+            log.info("peer %s banned for %.0fs, its experts go to other replicas: %s", peer, seconds, error)
         retry = [e for e in call.experts if e not in self.answers]
         for expert in retry:
             self.tried[expert].add(peer)
