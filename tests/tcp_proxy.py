@@ -6,6 +6,8 @@ import contextlib
 import socket
 import threading
 
+from coordinator.sim.local_swarm import free_port  # noqa: F401  (tests import it from here)
+
 
 class RecordingProxy:
     def __init__(self, target_port: int, listen_port: int = 0) -> None:
@@ -46,8 +48,3 @@ class RecordingProxy:
     def close(self) -> None:
         self.server.close()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -70,12 +70,14 @@ class BenchSwarm:
 
 
 @contextlib.contextmanager
-def toy_swarm(config: ToyConfig, start_timeout: float = 90.0, bootstrap: bool = True) -> Iterator[BenchSwarm]:
+def toy_swarm(
+    config: ToyConfig, start_timeout: float = 90.0, bootstrap: bool = True, rtt_ms: float = 0.0
+) -> Iterator[BenchSwarm]:
     """A temporary directory with a seeded toy checkpoint and a local swarm (its bootstrap node
-    up unless `bootstrap` is False); no peers yet."""
+    up unless `bootstrap` is False); no peers yet. `rtt_ms`: each peer's round-trip time (LocalSwarm)."""
     with (
         tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp,
-        LocalSwarm(Path(tmp) / "swarm", start_timeout) as swarm,
+        LocalSwarm(Path(tmp) / "swarm", start_timeout, rtt_ms=rtt_ms) as swarm,
     ):
         ckpt = Path(tmp) / "ckpt"
         toy_model.save_checkpoint(ckpt, config, seed=WEIGHTS_SEED)
@@ -85,13 +87,17 @@ def toy_swarm(config: ToyConfig, start_timeout: float = 90.0, bootstrap: bool = 
 
 
 @contextlib.contextmanager
-def tiny_hf_swarm(family: str, **sizes: int) -> Iterator[tuple[BenchSwarm, SwarmModelInfo]]:
+def tiny_hf_swarm(family: str, rtt_ms: float = 0.0, **sizes: int) -> Iterator[tuple[BenchSwarm, SwarmModelInfo]]:
     """A seeded tiny Hugging Face checkpoint of `family` (`sizes`: config overrides such as
-    hidden_size) and a local swarm with its bootstrap node up; no peers yet."""
+    hidden_size) and a local swarm with its bootstrap node up; no peers yet. `rtt_ms`: each
+    peer's round-trip time (LocalSwarm)."""
     from coordinator.models.hf import checkpoint_info
     from coordinator.models.tiny import save_tiny_checkpoint
 
-    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
+    with (
+        tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp,
+        LocalSwarm(Path(tmp) / "swarm", rtt_ms=rtt_ms) as swarm,
+    ):
         ckpt = save_tiny_checkpoint(Path(tmp) / "ckpt", family, seed=WEIGHTS_SEED, **sizes)
         info = checkpoint_info(ckpt)
         swarm.start_bootstrap()

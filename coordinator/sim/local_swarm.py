@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,13 @@ from pathlib import Path
 
 class LaunchError(RuntimeError):
     pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for processes that must know theirs up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass
@@ -51,7 +59,10 @@ class Process:
 
 
 class LocalSwarm:
-    def __init__(self, workdir: str | Path | None = None, start_timeout: float = 90.0) -> None:
+    def __init__(self, workdir: str | Path | None = None, start_timeout: float = 90.0, rtt_ms: float = 0.0) -> None:
+        """`rtt_ms` > 0 puts each peer behind a delay link (coordinator/sim/delay_link.py) with that round-trip
+        time: peers announce the link's port, so every gRPC call to them pays it; DHT traffic does not."""
+        self.rtt_ms = rtt_ms
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="moe-swarm-")
         self.workdir = Path(workdir or self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +140,20 @@ class LocalSwarm:
         """Start a peer without waiting for it (see `poll_ready`): the caller goes on meanwhile."""
         if not self.initial_peers:
             raise LaunchError("start the bootstrap node before peers")
-        return self._launch(name, ["-m", "peer", "serve", *peer_args, "--initial-peers", *self.initial_peers], env)
+        argv = ["-m", "peer", "serve", *peer_args, "--initial-peers", *self.initial_peers]
+        if self.rtt_ms > 0:
+            argv += self._delay_link_args(name)
+        return self._launch(name, argv, env)
+
+    def _delay_link_args(self, name: str) -> list[str]:
+        """Start `name`'s delay link in front of a port picked for it; the peer flags that bind and announce them."""
+        port = free_port()
+        link = self._spawn(
+            f"{name}-link",
+            ["-m", "coordinator.sim.delay_link", "--target", str(port), "--one-way-ms", str(self.rtt_ms / 2)],
+        )
+        link_port = link.info["endpoint"].rpartition(":")[2]
+        return ["--port", str(port), "--announce-port", link_port]
 
     def relaunch(self, proc: Process) -> Process:
         """Start a new incarnation of `proc` with its arguments (a fresh DHT identity and port); no wait.
