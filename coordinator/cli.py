@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except P2PDaemonError as e:  # no DHT node answered at --initial-peers
         print(f"moe-swarm: error: cannot join the swarm through --initial-peers: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("moe-swarm: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from coordinator.models.tiny import save_tiny_checkpoint
@@ -53,3 +54,66 @@ def test_generate_streams_tokens_and_reports_exact_counts(swarm, tmp_path):
     assert "tokens/s" in result.stderr
     assert "0 rerouted + 0 dropped" in result.stderr
     assert "experts with a replica: 16/16" in result.stderr
+
+
+def _generate(swarm, ckpt, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "coordinator", "generate", "--model", str(ckpt), "--prompt", "the swarm"]
+    return subprocess.Popen(
+        [*argv, *extra, "--initial-peers", *swarm.initial_peers],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+NOISE = ("Traceback", "Task was destroyed", "Event loop is closed", "asynchronous generator")
+
+
+@pytest.fixture(scope="module")
+def slow_ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("slow") / "mixtral", "mixtral", seed=11)
+
+
+def _slow_peers(swarm, ckpt, n: int) -> list:
+    """Peers hosting every expert, each answer delayed 40 ms, so a run lasts long enough to interrupt."""
+    args = ["--model", str(ckpt), "--experts", "*", "--threads", "1", "--sim-latency-ms", "40"]
+    return swarm.start_peers({f"slow-{i}": args for i in range(n)})
+
+
+def test_ctrl_c_prints_what_was_done_so_far(swarm, slow_ckpt):
+    procs = _slow_peers(swarm, slow_ckpt, 1)
+    try:
+        gen = _generate(swarm, slow_ckpt, "--max-new-tokens", "200")
+        assert gen.stdout.read(len("the swarm") + 1)  # the prompt, then the first token
+        gen.send_signal(signal.SIGINT)
+        _, err = gen.communicate(timeout=60)
+    finally:
+        swarm.stop_many(procs, signal.SIGTERM)
+    assert gen.returncode == 130, err[-3000:]
+    assert "interrupted (Ctrl-C) after" in err and "token-expert pairs" in err
+    assert not any(n in err for n in NOISE), err[-3000:]
+
+
+def test_peers_dying_mid_run_are_said_and_kept_in_the_summary(swarm, slow_ckpt):
+    procs = _slow_peers(swarm, slow_ckpt, 2)
+    gen = _generate(swarm, slow_ckpt, "--max-new-tokens", "30", "--fallback", "drop")
+    try:
+        assert gen.stdout.read(len("the swarm") + 1)
+    finally:
+        swarm.stop_many(procs, signal.SIGKILL)
+    _, err = gen.communicate(timeout=120)
+    assert gen.returncode == 0, err[-3000:]
+    assert "16 experts lost their last usable replica" in err
+    for proc in procs:
+        assert proc.info["peer_id"] in err  # full ids, as the peers log them
+    assert "the output may differ from the model's" in err
+    assert not any(n in err for n in NOISE), err[-3000:]
+
+
+def test_a_checkpoint_nobody_serves_stops_with_one_line(swarm, tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "other", "mixtral", seed=12)  # other weights: another model id
+    gen = _generate(swarm, ckpt, "--wait", "2")
+    _, err = gen.communicate(timeout=120)
+    assert gen.returncode == 1, err[-3000:]
+    assert "error: only 0 of 16 experts of this checkpoint have a replica" in err
+    assert not any(n in err for n in NOISE), err[-3000:]

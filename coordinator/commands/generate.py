@@ -16,6 +16,7 @@ from coordinator.dispatch.dispatcher import FALLBACK_POLICIES
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.ops.console import console as make_console
 from coordinator.ops.report import print_swarm_summary
+from coordinator.ops.watch import SwarmWatch
 from protos import tensors
 from protos.envelope import Identity
 
@@ -39,6 +40,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(tensors.DTYPES), help="default: the checkpoint's")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one layer call may take")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every expert to have a replica")
+    p.add_argument(
+        "--min-coverage",
+        type=float,
+        default=1e-9,
+        help="after --wait, stop unless this fraction of the experts has a replica (default: any; 0 runs even "
+        "with none, every token rerouted or dropped)",
+    )
     p.add_argument(
         "--fallback",
         default="reroute",
@@ -93,13 +101,15 @@ def print_dry_run(model: str, revision: str | None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoTokenizer
 
     console = make_console(stderr=True)
     # a person watching one generation wants to see each ban as it happens (a simulation does not)
     logging.getLogger(layer_call.__name__).setLevel(logging.INFO)
     if args.dry_run:
         return print_dry_run(args.model, args.revision)
+    if not 0 <= args.min_coverage <= 1:
+        raise ValueError(f"--min-coverage must be between 0 and 1, got {args.min_coverage}")
     needed = {"--prompt": args.prompt, "--initial-peers": args.initial_peers}
     if missing := [flag for flag, value in needed.items() if not value]:
         raise ValueError(f"generate needs {' and '.join(missing)}")
@@ -118,25 +128,73 @@ def run_generate(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     ) as client:
         console.print(f"model {info.manifest.model_id}: waiting for {len(info.uids)} experts in the swarm")
-        try:
-            client.wait_for_experts(
-                timeout=args.wait,
-                progress=lambda n, total, left: console.print(
-                    f"experts with a replica: {n}/{total}" + (f" ({left:.0f}s left to wait)" if n < total else "")
-                ),
-            )
-        except TimeoutError as e:
-            if args.fallback == "error":
-                raise
-            console.print(f"[yellow]warning:[/] {e}; continuing with the {args.fallback} fallback")
+        wait_for_coverage(client, args, console)
         model = load_swarm_model(info.checkpoint.path, client, dtype, info)
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         print(args.prompt, end="", flush=True)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result = greedy(model, ids, args.max_new_tokens, streamer)
-        print(flush=True)
-        console.print(
-            f"{result.new_tokens} tokens in {result.seconds:.2f}s: {result.new_tokens / result.seconds:.2f} tokens/s"
+        streamer = CountingStreamer(tokenizer)
+        watch = SwarmWatch(client.swarm, client.dispatcher.health, console.print, args.fallback).start()
+        start = time.perf_counter()
+        try:
+            result = greedy(model, ids, args.max_new_tokens, streamer)
+        except KeyboardInterrupt:  # what was generated so far, and what the swarm did for it
+            seconds, rc = time.perf_counter() - start, 130
+            print(flush=True)
+            console.print(f"interrupted (Ctrl-C) after {max(streamer.tokens, 0)} tokens in {seconds:.2f}s")
+        else:
+            rc = 0
+            print(flush=True)
+            console.print(
+                f"{result.new_tokens} tokens in {result.seconds:.2f}s: "
+                f"{result.new_tokens / result.seconds:.2f} tokens/s"
+            )
+        watch.stop()
+        print_swarm_summary(console, client.dispatcher.stats, hosted=watch.hosted(), fates=watch.fates())
+    return rc
+
+
+def wait_for_coverage(client: SwarmClient, args: argparse.Namespace, console) -> None:
+    """Wait up to --wait for every expert to have a replica, saying how many do; then stop with an
+    error below --min-coverage (a wrong checkpoint or swarm would otherwise "succeed" with
+    every token dropped), or warn and go on with the fallback."""
+    try:
+        client.wait_for_experts(
+            timeout=args.wait,
+            progress=lambda n, total, left: console.print(
+                f"experts with a replica: {n}/{total}" + (f" ({left:.0f}s left to wait)" if n < total else "")
+            ),
         )
-        print_swarm_summary(console, client.dispatcher.stats)
-    return 0
+        return
+    except TimeoutError as e:
+        if args.fallback == "error":
+            raise
+        problem = str(e)
+    uids = client.swarm.uids
+    covered = sum(bool(client.swarm.replicas(u)) for u in uids)
+    if covered < args.min_coverage * len(uids):
+        raise ValueError(
+            f"only {covered} of {len(uids)} experts of this checkpoint have a replica in the swarm after "
+            f"{args.wait:.0f}s; is this the checkpoint the swarm serves? "
+            "(`moe-swarm status --initial-peers ...` lists what it serves; --min-coverage 0 runs anyway)"
+        )
+    console.print(f"[yellow]warning:[/] {problem}; continuing with the {args.fallback} fallback")
+
+
+
+
+class CountingStreamer:
+    """Streams through transformers' TextStreamer and counts the new tokens, so an interrupted
+    run can say how far it got (generate calls `put` with the prompt first, then each token)."""
+
+    def __init__(self, tokenizer) -> None:
+        from transformers import TextStreamer
+
+        self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.tokens = -1  # the first put is the prompt
+
+    def put(self, value: torch.Tensor) -> None:
+        self.tokens += 1 if self.tokens < 0 else value.numel()
+        self.text.put(value)
+
+    def end(self) -> None:
+        self.text.end()

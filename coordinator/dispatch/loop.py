@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -11,6 +12,7 @@ import torch
 import uvloop
 
 T = TypeVar("T")
+CLOSE_WAIT_S = 2.0  # how long close() lets cancelled work unwind
 
 
 class LoopThread:
@@ -31,10 +33,26 @@ class LoopThread:
         """Run a coroutine on the loop and wait for its result from the calling thread."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("LoopThread.run called from its own loop: await the coroutine instead")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:  # a timeout or Ctrl-C in the caller: the work it waited for stops too
+            future.cancel()
+            raise
+
+    async def _cancel_all(self) -> None:
+        """Cancel what is still running (hedges, spot checks, a call the caller gave up on) and let
+        it unwind, so nothing is destroyed pending or touches the loop after it is closed."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=CLOSE_WAIT_S) if tasks else None
+        await self.loop.shutdown_asyncgens()
 
     def close(self) -> None:
         if self.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._cancel_all(), self.loop).result(CLOSE_WAIT_S + 1)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
         if not self.loop.is_running() and not self.loop.is_closed():

@@ -53,6 +53,10 @@ class SwarmView:
         cutoff = max(self._refreshed_at, get_dht_time() - 2 * self.refresh_period)
         return [r for r in self._replicas.get(uid, ()) if r.expiration > cutoff and r.record.state.serving]
 
+    def announced(self, uid: str) -> list[Replica]:
+        """Every record of `uid` at the last refresh, whatever its state (a LEFT tombstone says who left)."""
+        return list(self._replicas.get(uid, ()))
+
     def snapshot(self) -> dict[str, list[Replica]]:
         return {uid: self.replicas(uid) for uid in self.uids}
 

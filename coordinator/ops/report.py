@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from coordinator.dispatch.stats import DispatchStats, percentile
 
 
 def peers_table(
-    stats: DispatchStats, names: dict[str, str] | None = None, hosted: dict[str, str] | None = None
+    stats: DispatchStats,
+    names: dict[str, str] | None = None,
+    hosted: dict[str, str] | None = None,
+    fates: dict[str, str] | None = None,
 ) -> Table:
-    """Which peer served what: one row per peer that answered at least one call."""
-    names, hosted = names or {}, hosted or {}
+    """Which peer served what: one row per peer that answered a call or was seen serving
+    (`fates`: what became of each, e.g. a peer that crashed mid-run)."""
+    names, hosted, fates = names or {}, hosted or {}, fates or {}
     table = Table(title="who served what")
-    for col in ("peer", "endpoint", "experts", "Forward RPCs", "token rows"):
+    for col in ("peer", "endpoint", "experts", "Forward RPCs", "token rows", *(["now"] if fates else [])):
         table.add_column(col)
-    for peer_id in sorted(stats.rpcs_by_peer, key=lambda p: names.get(p, p)):
+    for peer_id in sorted(set(stats.rpcs_by_peer) | set(fates), key=lambda p: names.get(p, p)):
         table.add_row(
-            names.get(peer_id, peer_id[-12:]),
-            stats.endpoints.get(peer_id, "?"),
+            escape(names.get(peer_id, peer_id)),
+            escape(stats.endpoints.get(peer_id, "-")),
             hosted.get(peer_id, "?"),
-            str(stats.rpcs_by_peer[peer_id]),
-            str(stats.rows_by_peer[peer_id]),
+            str(stats.rpcs_by_peer.get(peer_id, 0)),
+            str(stats.rows_by_peer.get(peer_id, 0)),
+            *([fates.get(peer_id, "?")] if fates else []),
         )
     return table
 
@@ -52,8 +58,25 @@ def counts_line(stats: DispatchStats) -> str:
 
 
 def print_swarm_summary(
-    console: Console, stats: DispatchStats, names: dict[str, str] | None = None, hosted: dict[str, str] | None = None
+    console: Console,
+    stats: DispatchStats,
+    names: dict[str, str] | None = None,
+    hosted: dict[str, str] | None = None,
+    fates: dict[str, str] | None = None,
 ) -> None:
-    console.print(peers_table(stats, names, hosted))
+    console.print(peers_table(stats, names, hosted, fates))
     console.print(latency_table(stats))
     console.print(counts_line(stats))
+    if line := degraded_line(stats):
+        console.print(f"[yellow]warning:[/] {line}")
+
+
+def degraded_line(stats: DispatchStats) -> str | None:
+    """Said whenever the output may differ from the model's: some token-expert pairs were not
+    computed by the expert the router chose."""
+    if not (stats.rerouted or stats.dropped):
+        return None
+    return (
+        f"the output may differ from the model's: {stats.rerouted + stats.dropped} of {stats.routed} token-expert "
+        f"pairs were not computed by their expert ({stats.rerouted} rerouted, {stats.dropped} dropped)"
+    )
