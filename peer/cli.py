@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="announce without first asking another DHT node to dial our endpoint back",
     )
     s.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure expert throughput again instead of trusting the cache (it is re-measured anyway when over a "
+        "week old or a quick probe disagrees with it)",
+    )
+    s.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks)"
     )
     s.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")

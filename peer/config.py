@@ -49,6 +49,7 @@ class PeerConfig:
     dht_port: int = 0
     initial_peers: tuple[str, ...] = ()
     skip_reachability_check: bool = False
+    remeasure: bool = False  # throughput: measure again, ignoring the cache
     announce_period: float = 10.0
     drain_timeout: float = 10.0
     ready_file: Path | None = None  # endpoint/peer id JSON, written once serving (for launchers)

@@ -131,7 +131,7 @@ class PeerNode:
         if cfg.auto_placement:
             experts = await self._place()
         release_freed_memory()
-        self.throughput = cached_throughput(experts)
+        self.throughput = cached_throughput(experts, remeasure=cfg.remeasure)
         await self._open(experts, access)
         if cfg.key_file is None:  # said once the start can no longer fail on configuration
             log.info("using a fresh identity (pass --key-file to keep one across restarts)")

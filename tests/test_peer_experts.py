@@ -160,9 +160,8 @@ def test_throughput_is_measured_once_per_device_and_shape(tmp_path):
 
     cfg = ToyConfig(num_layers=1, num_experts=2, hidden_dim=16, ffn_dim=32)
     hosted = HostedExperts.from_seed(cfg, 3, "*", torch.device("cpu"))
-    calls = []
-    real = hosted.measure_throughput
-    hosted.measure_throughput = lambda: calls.append(1) or real()
+    calls = []  # full measurements (the start-up probe is one repeat)
+    hosted.measure_throughput = lambda rows=128, repeats=3: (repeats > 1 and calls.append(1)) or 1000.0
     cache = tmp_path / "throughput.json"
     first = cached_throughput(hosted, cache)
     assert first > 0 and cached_throughput(hosted, cache) == first and len(calls) == 1
@@ -171,3 +170,27 @@ def test_throughput_is_measured_once_per_device_and_shape(tmp_path):
     )
     cached_throughput(other, cache)  # another shape: measured, stored beside the first
     assert len(__import__("json").loads(cache.read_text())) == 2
+
+
+def test_a_stale_or_implausible_throughput_is_measured_again(tmp_path):
+    import json
+
+    from peer.selfbench import MAX_AGE_S, cached_throughput
+
+    cfg = ToyConfig(num_layers=1, num_experts=2, hidden_dim=16, ffn_dim=32)
+    hosted = HostedExperts.from_seed(cfg, 3, "*", torch.device("cpu"))
+    full = []  # full measurements; the probe (one repeat) agrees with them: timing noise is not under test here
+    hosted.measure_throughput = lambda rows=128, repeats=3: (repeats > 1 and full.append(1)) or 1000.0
+    cache = tmp_path / "throughput.json"
+    now = 1e9
+    value = cached_throughput(hosted, cache, now=now)
+    assert cached_throughput(hosted, cache, now=now + 60) == value and len(full) == 1  # fresh and plausible
+    cached_throughput(hosted, cache, now=now + MAX_AGE_S + 1)  # a week later
+    assert len(full) == 2
+    cached_throughput(hosted, cache, now=now + MAX_AGE_S + 2, remeasure=True)  # asked to
+    assert len(full) == 3
+    (key,) = json.loads(cache.read_text())
+    for wrong in ({"tokens_per_s": value * 100, "measured_at": now}, value):  # 100x off; a bare number, undated
+        cache.write_text(json.dumps({key: wrong}))
+        assert cached_throughput(hosted, cache, now=now + 1) == 1000.0
+    assert len(full) == 5
