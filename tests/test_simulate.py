@@ -65,6 +65,8 @@ def simulate(tmp_path: Path, cache: Path, *args: str, timeout: float = 150) -> t
     report = json.loads(report_path.read_text())
     assert run.returncode == (0 if report["requests"]["failed"] == 0 else 1), run.stderr[-3000:]
     assert not leftovers(started_pids(tmp_path / "swarm", report))  # everything it started is gone
+    noise = ("Traceback", "Task was destroyed", "aclose()", "Event loop is closed")
+    assert not any(n in run.stderr for n in noise), run.stderr[-3000:]
     return report, run.stdout
 
 
@@ -116,27 +118,45 @@ def test_without_replication_lost_experts_are_counted(tmp_path, cache):
     assert req["failed"] == 0 and req["match_local"] < req["total"]  # rerouted answers differ, and it shows
 
 
-def test_ctrl_c_stops_everything(tmp_path, cache):
+def test_ctrl_c_prints_the_report_so_far_and_stops_everything(tmp_path, cache):
     workdir = tmp_path / "swarm"
     proc = subprocess.Popen(
         [*SIM, "--cache", str(cache), "--workdir", str(workdir), "--peers", "1", "--replication", "1"],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while not list(workdir.glob("peer*.ready.json")):
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "peers not up in 90 s"
-            time.sleep(0.2)
+        seen = []
+        for line in proc.stderr:  # the load starts right after this line
+            seen.append(line)
+            if "coordinator(s) ready" in line:
+                break
+        else:
+            raise AssertionError("".join(seen))
+        time.sleep(1.0)
         pids = started_pids(workdir, None)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted: the report so far" in out and "per peer" in out
+    assert "Traceback" not in err and "Task was destroyed" not in err, err
     assert len(pids) == 2 and not leftovers(pids)  # the bootstrap node and the peer
+
+
+@pytest.mark.unit
+def test_dry_run_prints_the_plan_as_tables(capsys):
+    from coordinator.cli import build_parser
+    from coordinator.sim.simulate import run_simulate
+
+    args = build_parser().parse_args(["simulate", "--dry-run", "--peers", "4", "--seed", "2"])
+    assert run_simulate(args) == 0
+    out = capsys.readouterr().out
+    assert "4 peers" in out and "scheduled faults" in out and "replica group" in out
+    assert "{" not in out  # not raw JSON
 
 
 # ---- pure logic: the plan and the impairment --------------------------------------------

@@ -76,11 +76,13 @@ class PeerStream:
 
             self._outbox, self._pending = outbox, {}
             self._call = self._stub.ForwardStream(requests())
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._call, self._pending))
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._call, self._pending, outbox))
         return self._outbox, self._pending
 
     @staticmethod
-    async def _read(call: grpc.aio.StreamStreamCall, pending: dict[str, asyncio.Future]) -> None:
+    async def _read(
+        call: grpc.aio.StreamStreamCall, pending: dict[str, asyncio.Future], outbox: asyncio.Queue
+    ) -> None:
         error = rpc_error(grpc.StatusCode.UNAVAILABLE, "the peer ended the stream")
         try:
             async for reply in call:
@@ -97,6 +99,7 @@ class PeerStream:
             error = rpc_error(grpc.StatusCode.CANCELLED, "stream closed")
             raise
         finally:
+            outbox.put_nowait(None)  # ends this stream's request generator: gRPC's task feeding it must not linger
             for future in pending.values():
                 if not future.done():
                     future.set_exception(error)

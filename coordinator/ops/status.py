@@ -268,7 +268,7 @@ def _replica_line(r: ReplicaStatus) -> Text:
         return Text(f"{r.peer_id[-8:]} invalid record: {r.error}", style="red")
     state = r.state if r.expires_in > 0 else "expired"
     return Text.assemble(
-        (f"{escape(r.peer_id)} {r.endpoint} ", ""),
+        (f"{r.peer_id} {r.endpoint} ", ""),
         (state or "", _STATE_STYLE.get(state or "", "dim")),
         f" load {r.load} {r.throughput:.0f} tok/s {r.expires_in:.0f}s",
     )

@@ -141,7 +141,8 @@ def live_view(sim: Simulation, records: list[RequestRecord], stats: DispatchStat
 
 def print_report(console: Console, report: dict) -> None:
     req, tok, dis = report["requests"], report["tokens"], report["dispatch"]
-    summary = Table(title=f"simulation: {report['duration_s']}s of load", show_header=False)
+    cut = " (interrupted: the report so far)" if report.get("interrupted") else ""
+    summary = Table(title=f"simulation: {report['duration_s']}s of load{cut}", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
     rate = "n/a" if req["success_rate"] is None else f"{100 * req['success_rate']:.1f}%"
@@ -161,6 +162,13 @@ def print_report(console: Console, report: dict) -> None:
     )
     summary.add_row("verification", _verification_text(dis))
     summary.add_row("faults", ", ".join(f"{k} {v}" for k, v in report["faults"].items()))
+    if skipped := [e for e in report["events"] if e["action"] == "skipped"]:
+        reasons = sorted({e["note"] for e in skipped})
+        summary.add_row(
+            "skipped",
+            f"{len(skipped)} scheduled faults not applied (the peer did not exist or was not in a state for it, "
+            f"or it would have taken an expert's last replica for longer than --max-defer): " + "; ".join(reasons),
+        )
     for err in req["errors"][:3]:
         summary.add_row("[red]error", err)
     console.print(summary)
@@ -211,15 +219,43 @@ def plot_report(report: dict, path: Path) -> None:
         ax2.step(*zip(*ups, strict=True), where="post", color="tab:green")
     ax2.set_ylabel("peers up")
     ax2.set_xlabel("seconds since the load started")
-    colors = {"kill": "red", "stop": "purple", "stall": "orange", "restart": "green", "join": "blue"}
+    # a restart launches a process; it is "up" only once it serves again, which start-up time separates
+    marks = {
+        "kill": ("red", "-", "kill"),
+        "stop": ("purple", "-", "stop"),
+        "stall": ("orange", "-", "stall"),
+        "restart": ("green", ":", "restart launched"),
+        "ready": ("green", "-", "up again"),
+        "join": ("blue", "-", "join"),
+    }
     seen = set()
     for e in report["events"]:
-        if e["action"] in colors:
-            label = e["action"] if e["action"] not in seen else None
+        if e["action"] in marks:
+            color, style, name = marks[e["action"]]
+            label = name if e["action"] not in seen else None
             seen.add(e["action"])
             for ax in (ax1, ax2):
-                ax.axvline(e["t"], color=colors[e["action"]], alpha=0.5, lw=1, label=label if ax is ax1 else None)
+                ax.axvline(e["t"], color=color, ls=style, alpha=0.6, lw=1, label=label if ax is ax1 else None)
     ax1.legend(loc="upper right", fontsize=8, ncols=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def print_plan(console: Console, plans: list, schedule: list) -> None:
+    """`simulate --dry-run`: the peers it would start and the faults it would inject, as tables."""
+    peers = Table(title=f"{len(plans)} peers")
+    for col in ("peer", "experts", "replica group", "impairment"):
+        peers.add_column(col)
+    for p in plans:
+        imp = ", ".join(f"{k.removeprefix('sim-')}={v}" for k, v in p.impairment.items() if k != "sim-seed")
+        peers.add_row(p.name, p.experts, str(p.group), imp or "-")
+    console.print(peers)
+    faults = Table(title=f"{len(schedule)} scheduled faults" if schedule else "no scheduled faults")
+    for col in ("t (s)", "action", "peer", "detail"):
+        faults.add_column(col)
+    for e in schedule:
+        d = e.to_dict()
+        detail = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("at", "action", "peer"))
+        faults.add_row(f"{e.at:g}", e.action, e.peer, detail or "-")
+    console.print(faults)

@@ -30,7 +30,7 @@ from coordinator.dispatch.stats import DispatchStats
 from coordinator.ops.console import console as make_console
 from coordinator.sim.local_swarm import LaunchError, LocalSwarm
 from coordinator.sim.peers import Simulation, build_plan
-from coordinator.sim.report import build_report, live_view, plot_report, print_report
+from coordinator.sim.report import build_report, live_view, plot_report, print_plan, print_report
 from coordinator.sim.schedule import FaultEvent
 from coordinator.sim.workload import LoadThread, RequestRecord, generation_workload, layer_workload
 
@@ -170,28 +170,35 @@ def _drive(
     pending = list(schedule)
     deferred_since: dict[int, float] = {}
     last_sample = -SAMPLE_S
+    interrupted = False
     with Live(console=console, refresh_per_second=4, transient=True, auto_refresh=not args.no_live) as live:
-        while sim.now() < args.duration:
-            if _INTERRUPTED.is_set():
-                raise KeyboardInterrupt  # a Ctrl-C whose exception was swallowed on its way
-            sim.poll()
-            _apply_due(args, sim, pending, deferred_since)
-            if sim.now() - last_sample >= SAMPLE_S:
-                last_sample = sim.now()
-                sim.peer_timeline.append((round(last_sample, 2), sim.counts()["up"]))
-            if not args.no_live:
-                live.update(live_view(sim, _records(threads), _stats(clients), args.duration))
-            time.sleep(TICK_S)
+        try:
+            while sim.now() < args.duration:
+                if _INTERRUPTED.is_set():
+                    raise KeyboardInterrupt  # a Ctrl-C whose exception was swallowed on its way
+                sim.poll()
+                _apply_due(args, sim, pending, deferred_since)
+                if sim.now() - last_sample >= SAMPLE_S:
+                    last_sample = sim.now()
+                    sim.peer_timeline.append((round(last_sample, 2), sim.counts()["up"]))
+                if not args.no_live:
+                    live.update(live_view(sim, _records(threads), _stats(clients), args.duration))
+                time.sleep(TICK_S)
+        except KeyboardInterrupt:  # the report of what ran so far is still worth having
+            interrupted = True
         for t in threads:
             t.stop.set()
-        for t in threads:  # the requests in flight finish: they count
-            t.join(args.timeout * 3)
+        for t in threads:  # the requests in flight finish: they count (not waited for long after a Ctrl-C)
+            t.join(1.0 if interrupted else args.timeout * 3)
     seconds = sim.now()
     sim.close()
     sim.peer_timeline.append((round(seconds, 2), sim.counts()["up"]))
     report = build_report(args, sim, _records(threads), _stats(clients), seconds)
     report["schedule"] = [e.to_dict() for e in schedule]
+    report["interrupted"] = interrupted
     _write_report(args, report)
+    if interrupted:
+        raise KeyboardInterrupt
     return report
 
 
@@ -229,12 +236,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.dry_run:
         num_experts = 8  # both tiny workloads have 8 experts per layer
         plans, schedule = build_plan(args, num_experts)
-        print(
-            json.dumps(
-                {"peers": [vars(p) for p in plans], "schedule": [e.to_dict() for e in schedule]},
-                indent=1,
-            )
-        )
+        if args.json:
+            plan = {"peers": [vars(p) for p in plans], "schedule": [e.to_dict() for e in schedule]}
+            args.json.write_text(json.dumps(plan, indent=1))
+        print_plan(make_console(), plans, schedule)
         return 0
     try:
         report = run_simulation(args)
