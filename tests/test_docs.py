@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["architecture.md", "protocol.md", "running-a-peer.md", "joining.md", "troubleshooting.md"]
 PARSERS = {"moe-peer": peer_parser, "moe-swarm": swarm_parser}
 # flags of other tools the docs show (docker, pip, compose)
-FOREIGN_FLAGS = {"--gpus", "--restart", "--index-url", "--build", "--help"}
+FOREIGN_FLAGS = {"--gpus", "--restart", "--rm", "--index-url", "--build", "--help"}
 
 
 def our_flags() -> set[str]:
