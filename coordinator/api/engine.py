@@ -153,7 +153,7 @@ class Engine:
     def _forward(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
         with torch.inference_mode(), self.rendezvous.seat(id(seq), seq.tally):
             out = self.model(
-                input_ids=torch.tensor([ids]), past_key_values=seq.cache, use_cache=True, logits_to_keep=1
+                input_ids=torch.tensor([ids]), cache=seq.cache, use_cache=True, logits_to_keep=1
             )
         return out.logits[0, -1]
 

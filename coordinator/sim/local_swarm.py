@@ -117,6 +117,10 @@ class LocalSwarm:
                 raise LaunchError(f"{proc.name} not ready after {self.start_timeout}s:\n{proc.log_tail()}")
             time.sleep(0.05)
 
+    def start_process(self, name: str, argv: list[str]) -> Process:
+        """Any command that takes --ready-file (e.g. `-m coordinator api ...`), started and waited for."""
+        return self._spawn(name, argv)
+
     def start_bootstrap(self) -> Process:
         proc = self._spawn("bootstrap", ["-m", "coordinator", "bootstrap"])
         self.initial_peers = proc.info["maddrs"]
