@@ -15,7 +15,7 @@ class Limits:
     max_active: int = 16  # sequences in the running batch
     max_queue: int = 64  # requests waiting behind it
     kv_tokens: int = 65536  # KV cache positions all active sequences may reserve (prompt + max_tokens each)
-    prefill_chunk: int = 64  # prompt tokens fed per step, all prefilling sequences together
+    prefill_chunk: int = 512  # prompt tokens fed per step, all prefilling sequences together
     retry_after: float = 1.0  # seconds a refused client is told to wait
 
     def __post_init__(self) -> None:

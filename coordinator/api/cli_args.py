@@ -24,7 +24,7 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         help="KV cache positions all running sequences may reserve, prompt + max_tokens each "
         "(default: --max-active x the model's context)",
     )  # fmt: skip
-    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens fed per step (all sequences)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per step (all sequences together)")
     p.add_argument(
         "--min-coverage", type=float, default=1.0,
         help="fraction of experts that must have a live replica to accept requests (else 503 + Retry-After)",
