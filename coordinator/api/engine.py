@@ -54,11 +54,14 @@ class Engine:
             self._lock.notify_all()
 
     def cancel(self, seq: Sequence) -> None:
-        """The client went away: the sequence leaves at the next token boundary (or the queue now)."""
+        """The client went away: a queued sequence leaves now, a running one at the next token boundary."""
         with self._lock:
             if not seq.done and not seq.cancelled:
                 seq.cancelled = True
                 self.metrics.cancelled.inc()
+                if seq in self.admission.queue:
+                    self.admission.queue.remove(seq)
+                    self._gauges()
             self._lock.notify_all()
 
     def idle(self) -> bool:
