@@ -87,7 +87,13 @@ def run_api(args: argparse.Namespace) -> int:
             max_body_bytes=_max_body_bytes(tokenizer, context),
         )
         config = uvicorn.Config(
-            Gateway(served).app(), host=args.host, port=args.port, log_level="warning", lifespan="off"
+            Gateway(served).app(),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            lifespan="off",
+            # past every request that can run or wait, plus some for /health, /metrics, /v1/models: 503 at once
+            limit_concurrency=args.max_active + args.max_queue + 64,
         )
         server = DrainingServer(config, engine, args.drain_timeout)
         try:
