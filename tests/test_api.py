@@ -301,3 +301,16 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_requests(wide, narrow)
     assert rest[-1].choices[0].finish_reason == expected.choices[0].finish_reason
     assert first.choices[0].text + "".join(c.choices[0].text for c in rest) == expected.choices[0].text
     assert narrow.proc.popen.wait(60) == 0 and "drained" in narrow.proc.log_tail()
+
+
+def test_a_dead_peer_is_rerouted_and_the_answer_says_so(gateways, wide):
+    """Last: it kills a peer. Until its DHT record expires the gateway still accepts requests;
+    the dispatcher reroutes the dead peer's experts and x_moe_swarm reports it."""
+    swarm = gateways[0]
+    dead = next(p for p in swarm.processes if p.name == "peer1")  # experts 4-7 of every layer
+    swarm.stop(dead, signal.SIGKILL)
+    answer = wide.client().completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=8, temperature=0)
+    honesty = answer.x_moe_swarm
+    fed = answer.usage.prompt_tokens + answer.usage.completion_tokens - 1
+    assert honesty["rerouted"] > 0 and honesty["dropped"] == 0
+    assert honesty["exact"] + honesty["rerouted"] == fed * LAYERS * TOP_K
