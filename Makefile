@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "==> installing into $(VENV): pip, $(TORCH), then moe-swarm with its extras (first run: a few minutes)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,hf,sim]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,hf,sim,api]'
 	@touch $(STAMP)
 	@echo "==> $(VENV) is ready (activate it with: . $(VENV)/bin/activate)"
 

@@ -2,11 +2,13 @@
 
 moe-swarm bootstrap            run a DHT bootstrap node, print its multiaddrs
 moe-swarm demo                 local swarm serving a tiny Mixtral; generation through it = local model
+moe-swarm api                  an OpenAI-compatible HTTP API over the swarm, continuous batching
 moe-swarm generate             generate text with a Hugging Face MoE model whose experts run in the swarm
 moe-swarm status               per expert: replicas, state, load, throughput, record expiry (from the DHT)
 moe-swarm dashboard            the same as a live web page: coverage map (layers x experts) and peer health
 moe-swarm bench layer          one layer call: swarm vs in-process vs hivemind
 moe-swarm bench generate       tokens/s through a local swarm vs the same model run locally
+moe-swarm bench api            the API gateway: aggregate tokens/s, TTFT and inter-token latency per client count
 moe-swarm simulate             churn: peers killed/stopped/stalled/restarted under load, report + JSON + plot
 """
 
@@ -27,6 +29,8 @@ from protos.plumbing.files import write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from coordinator.api.cli_args import add_api_args
+    from coordinator.bench.api import add_api_bench_args
     from coordinator.bench.generate import add_generate_bench_args
     from coordinator.bench.layer import add_layer_args
     from coordinator.bench.saturation import add_saturation_bench_args
@@ -46,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, default=0, help="TCP port (0 picks a free one)")
     b.add_argument("--ready-file", type=Path, default=None, help="write the multiaddrs here as JSON once up")
     add_demo_args(sub.add_parser("demo", help="start a local swarm, generate through it, compare with local"))
+    add_api_args(sub.add_parser("api", help="serve the model as an OpenAI-compatible HTTP API (continuous batching)"))
     add_generate_args(sub.add_parser("generate", help="generate text with a MoE model whose experts run in the swarm"))
     add_status_args(sub.add_parser("status", help="the swarm's replicas of every expert of a model, from the DHT"))
     add_dashboard_args(sub.add_parser("dashboard", help="a live web page of the swarm: coverage map and peer health"))
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
+    add_api_bench_args(bench.add_parser("api", help="the API gateway: tokens/s, TTFT, inter-token per client count"))
     add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
     add_straggler_bench_args(bench.add_parser("straggler", help="layer latency with a stalled peer, hedging on/off"))
     add_saturation_bench_args(bench.add_parser("saturation", help="rows/s a saturated peer serves vs raw compute"))
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("demo", "generate", "bench", "simulate"):
+    if args.command in ("demo", "generate", "bench", "simulate", "api"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own output is the report; keep it readable
@@ -128,14 +134,19 @@ def run_command(args: argparse.Namespace) -> int:
         from coordinator.ops.dashboard import run_dashboard
 
         return run_dashboard(args)
+    if args.command == "api":
+        from coordinator.api.command import run_api
+
+        return run_api(args)
     if args.command == "generate":
         from coordinator.commands.generate import run_generate
 
         return run_generate(args)
     if args.command == "bench":
-        from coordinator.bench import generate, layer, saturation, security, straggler
+        from coordinator.bench import api, generate, layer, saturation, security, straggler
 
         run = {
+            "api": api.run_api_bench,
             "layer": layer.run_layer_bench,
             "generate": generate.run_generate_bench,
             "straggler": straggler.run_straggler_bench,

@@ -35,7 +35,7 @@ def command_lines(text: str) -> list[list[str]]:
 
 def test_every_benchmark_has_a_section_with_its_command():
     text = DOC.read_text()
-    for name in ("layer", "generate", "straggler", "saturation", "security"):
+    for name in ("layer", "generate", "straggler", "saturation", "security", "api"):
         assert re.search(rf"^moe-swarm bench {name}\b|= moe-swarm bench {name}\b", text, re.M), name
 
 

@@ -117,6 +117,13 @@ class LocalSwarm:
                 raise LaunchError(f"{proc.name} not ready after {self.start_timeout}s:\n{proc.log_tail()}")
             time.sleep(0.05)
 
+    def start_processes(self, argvs: dict[str, list[str]]) -> list[Process]:
+        """Commands that take --ready-file (e.g. `-m coordinator api ...`), by name: started together, then awaited."""
+        procs = [self._launch(name, argv) for name, argv in argvs.items()]
+        for proc in procs:
+            self._wait_ready(proc)
+        return procs
+
     def start_bootstrap(self) -> Process:
         proc = self._spawn("bootstrap", ["-m", "coordinator", "bootstrap"])
         self.initial_peers = proc.info["maddrs"]
