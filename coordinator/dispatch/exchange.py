@@ -62,7 +62,7 @@ class Exchange:
                     if attempt or not forgotten or self.sessions is None:
                         raise
                     # the peer restarted or evicted our session: open a new one, once
-                    self.sessions.forget(replica.record.endpoint, replica.record.kx)
+                    self.sessions.forget(replica.record.route, replica.record.kx)
         except grpc.aio.AioRpcError as e:
             uids = ", ".join(u for u, _ in call.segments)
             raise RemoteExpertError(
@@ -80,13 +80,16 @@ class Exchange:
         replica = call.replica
         keys, counter = None, 0
         if self.sessions is not None:
-            session = await self.sessions.get(replica.record.endpoint, replica.record.kx, timeout)
+            record = replica.record
+            session = await self.sessions.get(record.route, record.kx, timeout, record.reach)
             keys, counter = session.keys, next(session.counters)
         sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
         loop = asyncio.get_running_loop()
         written = loop.create_future()
         rpc = asyncio.ensure_future(
-            self.channels.forward(replica.record.endpoint, sent.request, sent.plaintext.nbytes, timeout, written)
+            self.channels.forward(
+                replica.record.route, sent.request, sent.plaintext.nbytes, timeout, written, replica.record.reach
+            )
         )
         rpc.add_done_callback(lambda _: written.done() or written.set_result(None))  # failed before writing
         try:
