@@ -34,8 +34,16 @@ from protos.reach import (
 _LINK_ERRORS = (ConnectionError, OSError, asyncio.IncompleteReadError, FrameError, DecodeError)
 
 
+LINK_LOST = "relayed connection lost"  # the detail of every failure of the libp2p link itself
+
+
 def _unavailable(e: BaseException) -> grpc.aio.AioRpcError:
-    return rpc_error(grpc.StatusCode.UNAVAILABLE, f"relayed: {type(e).__name__}: {e}"[:300])
+    return rpc_error(grpc.StatusCode.UNAVAILABLE, f"{LINK_LOST}: {type(e).__name__}: {e}"[:300])
+
+
+def relay_dropped(e: grpc.aio.AioRpcError) -> bool:
+    """The relayed link failed (not the peer): worth one more try on a new connection."""
+    return e.code() == grpc.StatusCode.UNAVAILABLE and (e.details() or "").startswith(LINK_LOST)
 
 
 class RelayLink:
@@ -96,7 +104,7 @@ class RelayedCall:
             self._sending = asyncio.create_task(self._send(self._writer))
             while (data := await read_frame(reader, self._limit)) is not None:
                 yield pb.ForwardResponse.FromString(data)
-            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the relayed peer ended the stream")
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"{LINK_LOST}: the stream ended")
         except grpc.aio.AioRpcError:
             raise
         except _LINK_ERRORS as e:
@@ -129,7 +137,7 @@ class RelayedStub:
         try:
             return await asyncio.wait_for(self._open_session(hello), timeout)
         except TimeoutError:
-            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "relayed: opening a session timed out") from None
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "opening a relayed session timed out") from None
         except _LINK_ERRORS as e:
             raise _unavailable(e) from None
 
