@@ -249,7 +249,8 @@ class PeerNode:
             )
             raise ConnectionError(
                 f"other nodes cannot reach this peer at {self.endpoint} ({detail}); announcing it would send "
-                f"coordinators to a dead address. To fix: {hint}. (--skip-reachability-check announces anyway.)"
+                f"coordinators to a dead address. To fix: {hint}; or serve through the swarm's relays "
+                "(--relay auto, slower). (--skip-reachability-check announces anyway.)"
             )
 
     async def serve_relayed(self, why: str) -> None:
