@@ -29,6 +29,17 @@ def _generate(model, ids: torch.Tensor, n: int) -> torch.Tensor:
         return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
 
 
+def probe(client: SwarmClient, uids: list[str], out: Path) -> None:
+    """Known rows, the first half to expert 0 (the direct peer), the rest to expert 4 (the home
+    peer), several times; the rows' bytes (a capture is searched for them) and whether every
+    answer came back."""
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(11))
+    experts = torch.tensor([[0]] * 8 + [[4]] * 8)
+    answered = all(bool(client.dispatch(x, experts, uids[:8], torch.float32).answered.all()) for _ in range(3))
+    rows = [row.numpy().tobytes().hex() for row in x]
+    out.write_text(json.dumps({"rows": rows, "answered": answered}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("ckpt", type=Path)
@@ -41,6 +52,7 @@ def main() -> None:
     p.add_argument("--plaintext", action="store_true", help="unsealed requests (peers run --allow-plaintext)")
     p.add_argument("--timeout", type=float, default=20.0)
     p.add_argument("--fallback", default="reroute")
+    p.add_argument("--probe", action="store_true", help="instead: send known rows to expert 0 and 4 of layer 0")
     args = p.parse_args()
     torch.set_num_threads(1)
     info = checkpoint_info(args.ckpt)
@@ -53,6 +65,8 @@ def main() -> None:
         fallback=args.fallback,
     ) as client:
         client.wait_for_experts(timeout=60)
+        if args.probe:
+            return probe(client, info.uids, args.out)
         model = load_swarm_model(args.ckpt, client, info=info)
         with torch.inference_mode():
             logits = model(PROMPT).logits

@@ -110,6 +110,34 @@ def test_generation_through_the_relay_equals_the_local_model(net, swarm, ckpt, l
     assert got["relay_streams"] >= 1  # the home peer's experts were reached over libp2p
 
 
+@pytest.mark.parametrize("sealed", [True, False])
+def test_a_capture_at_the_relay_holds_no_activation_row(net, swarm, ckpt, tmp_path, sealed):
+    """Every frame crossing the internet namespace (the relay's links to home and to the
+    coordinator) is captured while known rows go to the direct peer and, relayed, to the home
+    peer. Sealed: no row anywhere. Unsealed: the direct peer's rows are found (the search
+    works), the relayed ones still not (libp2p secures the circuit end to end as well)."""
+    capture, stop, ready = tmp_path / "capture.bin", tmp_path / "stop", tmp_path / "ready"
+    argv = [sys.executable, "-m", "tests.netns_capture", str(capture), str(stop), str(ready)]
+    capturing = subprocess.Popen(["ip", "netns", "exec", net.inet, *argv])
+    try:
+        while not ready.exists():
+            assert capturing.poll() is None, "the capture did not start"
+            time.sleep(0.05)
+        got = generate(
+            net, ckpt, swarm.initial_peers, tmp_path / "out.json", "--probe", *([] if sealed else ["--plaintext"])
+        )
+    finally:
+        stop.write_text("stop")
+        capturing.wait(30)
+    assert got["answered"]
+    data = capture.read_bytes()
+    rows = [bytes.fromhex(r) for r in got["rows"]]
+    direct, relayed = rows[:8], rows[8:]
+    assert len(data) > 10_000  # the traffic was captured
+    assert not any(row[:32] in data for row in relayed)
+    assert all(row[:32] in data for row in direct) is not sealed
+
+
 def test_a_connection_reset_by_the_relays_limits_recovers(net, ckpt, local, tmp_path):
     """A relay that resets every relayed connection after a few KB: calls go on, on new ones."""
     model, _ = local
