@@ -76,6 +76,12 @@ class RelayLink:
         self.streams_opened += 1
         return reader, writer
 
+    async def connections(self, reach: Reach) -> list[str]:
+        """The addresses this node is connected to the peer at (relayed ones end /p2p-circuit)."""
+        if self._p2p is None:
+            return []
+        return [str(a) for p in await self._p2p.list_peers() if p.peer_id.to_base58() == reach.peer for a in p.addrs]
+
     async def close(self) -> None:
         if self._p2p is not None:
             await self._p2p.shutdown()

@@ -82,7 +82,9 @@ def relay_service(limits: RelayLimits | None) -> Iterator[None]:
 
 async def start_relayed_node(relays: Sequence[str], host: str) -> P2P:
     """A node behind NAT: reserves slots at `relays` (multiaddrs ending /p2p/<id>) and serves
-    through them; it relays for nobody."""
+    through them; it relays for nobody. AutoNAT and with it hole punching are off: a relayed
+    peer stays relayed (what its record says), rather than sometimes upgrading to a direct
+    connection that the swarm's view and benchmarks would not see."""
     from hivemind.p2p import P2P
 
     _install()
@@ -96,6 +98,7 @@ async def start_relayed_node(relays: Sequence[str], host: str) -> P2P:
             force_reachability="private",
             dht_mode="client",
             idle_timeout=0,
+            auto_nat=False,
         )
 
 
