@@ -63,6 +63,7 @@ class RelayedService:
 
     def __init__(self, servicer: ExpertServicer, relays: Sequence[str]) -> None:
         self.servicer = servicer
+        self.metrics = servicer.metrics
         self.relays = list(relays)[:MAX_RELAYS]
         self.p2p: P2P | None = None
         self.reach: Reach | None = None  # how coordinators reach us, once started
@@ -117,7 +118,12 @@ class RelayedService:
                 request = pb.ForwardRequest.FromString(data)
             except DecodeError:
                 request = None
-            self.requests += request is not None and not request.cancel
+            if request is not None and not request.cancel:
+                self.requests += 1
+                if self.metrics is not None:
+                    self.metrics.relayed_requests.inc()
+            if self.metrics is not None:
+                self.metrics.relayed_bytes.labels("in").inc(len(data))
             yield request
 
     async def _forward(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -130,6 +136,8 @@ class RelayedService:
                     async for reply in replies:
                         data = reply.SerializeToString()
                         self.bytes_out += len(data)
+                        if self.metrics is not None:
+                            self.metrics.relayed_bytes.labels("out").inc(len(data))
                         write_frame(writer, data)
                         await writer.drain()
             except (FrameError, ConnectionError, asyncio.IncompleteReadError) as e:

@@ -55,6 +55,10 @@ class Reach:
                 raise ValueError("reach.relays holds a malformed relay multiaddr")
         return cls(peer, tuple(relays))
 
+    def describe(self) -> str:
+        """How people see it in status and dashboards: the relays by the end of their ids."""
+        return "relayed via " + ", ".join(f"{r.split('/')[2]}/..{r[-6:]}" for r in self.relays)
+
     @property
     def route(self) -> str:
         """The key a coordinator's transport caches this peer's connection under."""

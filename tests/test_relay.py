@@ -56,7 +56,7 @@ def swarm(net, ckpt, tmp_path_factory):
         s.netns.update({"direct": net.inet, "home": net.home})
         common = ["--model", str(ckpt), "--threads", "1", "--announce-period", "2", "--allow-plaintext"]
         s.launch_peer("direct", *common, "--experts", DIRECT, "--host", netns.INET_COORD)
-        s.launch_peer("home", *common, "--experts", HOME, "--host", netns.HOME_LAN)
+        s.launch_peer("home", *common, "--experts", HOME, "--host", netns.HOME_LAN, "--metrics-port", "0")
         for proc in s.processes[-2:]:
             s._wait_ready(proc)
         yield s
@@ -108,6 +108,22 @@ def test_generation_through_the_relay_equals_the_local_model(net, swarm, ckpt, l
     assert got["tokens"] == local_tokens(model, 12)
     assert got["exact"] == got["routed"] > 0 and got["rerouted"] == got["dropped"] == 0
     assert got["relay_streams"] >= 1  # the home peer's experts were reached over libp2p
+
+
+def test_status_and_metrics_show_the_relayed_peer(net, swarm, ckpt):
+    argv = [sys.executable, "-m", "coordinator", "status", "--model", str(ckpt), "--json"]
+    done = netns.run_in(net.coord, *argv, "--initial-peers", *swarm.initial_peers, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peers = {p["peer_id"]: p for p in json.loads(done.stdout)["peers"]}
+    home, direct = peers[proc(swarm, "home").info["peer_id"]], peers[proc(swarm, "direct").info["peer_id"]]
+    assert direct["reach"] == "direct"
+    assert home["reach"].startswith(f"relayed via {netns.INET_HOME}/..")
+    port = proc(swarm, "home").info["metrics_port"]
+    read = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
+    metrics = netns.run_in(net.home, sys.executable, "-c", read, timeout=30).stdout
+    relayed = [line for line in metrics.splitlines() if line.startswith("moe_peer_relayed_requests_total")]
+    assert relayed and float(relayed[0].split()[-1]) > 0  # the generation above went through the relay
+    assert 'moe_peer_relayed_bytes_total{direction="in"}' in metrics
 
 
 @pytest.mark.parametrize("sealed", [True, False])
