@@ -102,3 +102,15 @@ def test_frames_round_trip_and_oversized_ones_are_refused_before_reading():
         frames((1 << 40).to_bytes(8, "big"), 1024)  # a claimed terabyte: refused on the header
     with pytest.raises(FrameError, match="inside a frame"):
         frames(sink.data[:5], 1024)
+
+
+def test_initial_peers_from_a_file(tmp_path):
+    from coordinator.cli import build_parser as swarm_parser
+    from peer.cli import build_parser as peer_parser
+
+    swarm = tmp_path / "swarm.txt"
+    swarm.write_text(f"# the example swarm\n{RELAY}\n\n  {RELAY[:-1]}Z  \n")
+    want = [RELAY, RELAY[:-1] + "Z"]
+    assert peer_parser().parse_args(["serve", "--seed", "0", "--initial-peers", f"@{swarm}"]).initial_peers == want
+    args = swarm_parser().parse_args(["status", "--model", "m", "--initial-peers", "/ip4/1.1.1.1/tcp/1", f"@{swarm}"])
+    assert args.initial_peers == ["/ip4/1.1.1.1/tcp/1", *want]
