@@ -1,6 +1,6 @@
 """moe-swarm: the client side of the swarm.
 
-moe-swarm bootstrap            run a DHT bootstrap node, print its multiaddrs
+moe-swarm bootstrap            run a DHT bootstrap node (and relay), print its multiaddrs
 moe-swarm demo                 local swarm serving a tiny Mixtral; generation through it = local model
 moe-swarm api                  an OpenAI-compatible HTTP API over the swarm, continuous batching
 moe-swarm generate             generate text with a Hugging Face MoE model whose experts run in the swarm
@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
-from pathlib import Path
 
 from coordinator.dispatch.dispatcher import DispatchError
 from protos.plumbing.cliconfig import install as with_config
 from protos.plumbing.dht import SwarmJoinError
-from protos.plumbing.files import write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from coordinator.bench.saturation import add_saturation_bench_args
     from coordinator.bench.security import add_security_bench_args
     from coordinator.bench.straggler import add_straggler_bench_args
+    from coordinator.commands.bootstrap import add_bootstrap_args
     from coordinator.commands.demo import add_demo_args
     from coordinator.commands.generate import add_generate_args
     from coordinator.ops.dashboard import add_dashboard_args
@@ -45,10 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-swarm", description="Run MoE models on a swarm of expert peers.")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bootstrap", help="run a standalone DHT node that peers and coordinators join")
-    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    b.add_argument("--port", type=int, default=0, help="TCP port (0 picks a free one)")
-    b.add_argument("--ready-file", type=Path, default=None, help="write the multiaddrs here as JSON once up")
+    add_bootstrap_args(sub.add_parser("bootstrap", help="run a DHT node that peers and coordinators join; a relay"))
     add_demo_args(sub.add_parser("demo", help="start a local swarm, generate through it, compare with local"))
     add_api_args(sub.add_parser("api", help="serve the model as an OpenAI-compatible HTTP API (continuous batching)"))
     add_generate_args(sub.add_parser("generate", help="generate text with a MoE model whose experts run in the swarm"))
@@ -65,28 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     return with_config(parser, "MOE_SWARM")  # every flag also from MOE_SWARM_* and --config FILE
 
 
-def run_bootstrap(args: argparse.Namespace) -> int:
-    import threading
-
-    from protos.plumbing.dht import start_dht
-    from protos.plumbing.reachability import serve_dial_back
-
-    # the bootstrap stores records too: it must refuse forged ones like every other node
-    dht = start_dht(host=args.host, port=args.port)
-    serve_dial_back(dht)  # joining peers ask us to dial their endpoint before they announce it
-    maddrs = [str(m) for m in dht.get_visible_maddrs()]
-    print("DHT bootstrap node is up. Join it with:", flush=True)
-    print("  --initial-peers " + " ".join(maddrs), flush=True)
-    if args.ready_file:
-        write_json_atomic(args.ready_file, {"maddrs": maddrs, "pid": os.getpid()})
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    dht.shutdown()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -101,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
     try:
-        return run_bootstrap(args) if args.command == "bootstrap" else run_command(args)
+        if args.command == "bootstrap":
+            from coordinator.commands.bootstrap import run_bootstrap
+
+            return run_bootstrap(args)
+        return run_command(args)
     except (DispatchError, TimeoutError, ValueError, FileNotFoundError, PermissionError, SwarmJoinError) as e:
         print(f"moe-swarm: error: {e}", file=sys.stderr)
         return 1

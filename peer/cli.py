@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         "week old or a quick probe disagrees with it)",
     )
     s.add_argument(
+        "--relay",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="serve through the swarm's circuit relays (its --initial-peers): auto (default) when other nodes "
+        "cannot dial this peer, always, or never (refuse to start when unreachable)",
+    )
+    s.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks)"
     )
     s.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")

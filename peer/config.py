@@ -24,6 +24,9 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # bind addresses that announce nothi
 AUTO = "auto"  # --experts auto: the least-covered experts that fit the memory budget
 
 
+RELAY_MODES = ("auto", "always", "never")
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     # the model: exactly one source
@@ -50,6 +53,7 @@ class PeerConfig:
     initial_peers: tuple[str, ...] = ()
     skip_reachability_check: bool = False
     remeasure: bool = False  # throughput: measure again, ignoring the cache
+    relay: str = "auto"  # auto: through relays when not directly reachable; always; never
     announce_period: float = 10.0
     drain_timeout: float = 10.0
     ready_file: Path | None = None  # endpoint/peer id JSON, written once serving (for launchers)
@@ -96,6 +100,8 @@ class PeerConfig:
                 f"--host {self.host} listens on every interface but is no address to dial: add --announce-host "
                 "with the address others reach this machine at (its public IP or DNS name)"
             )
+        if self.relay not in RELAY_MODES:
+            raise ValueError(f"--relay {self.relay!r} is not one of {', '.join(RELAY_MODES)}")
         self.impairment()
         self.rate_limiter()
 

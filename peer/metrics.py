@@ -21,6 +21,12 @@ class PeerMetrics:
         )
         self.queued_rows = Gauge("moe_peer_queued_rows", "token rows admitted and not yet answered", registry=r)
         self.sessions = Gauge("moe_peer_sessions", "open sealed sessions", registry=r)
+        self.relayed_requests = Counter(
+            "moe_peer_relayed_requests", "Forward requests that arrived through a circuit relay", registry=r
+        )
+        self.relayed_bytes = Counter(
+            "moe_peer_relayed_bytes", "message bytes through circuit relays, by direction", ["direction"], registry=r
+        )
         self.batch_rows = Histogram(
             "moe_peer_batch_rows", "rows per merged device batch", buckets=_ROW_BUCKETS, registry=r
         )

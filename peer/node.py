@@ -40,6 +40,7 @@ from .config import PeerConfig
 from .host import release_freed_memory, split_cpus
 from .metrics import PeerMetrics
 from .placement import better_placement, choose_experts
+from .relay import RelayedService
 from .selfbench import cached_throughput
 from .service.server import start_server
 from .service.servicer import ExpertServicer
@@ -75,6 +76,7 @@ class PeerNode:
         self.metrics: PeerMetrics | None = None
         self.metrics_port: int | None = None
         self.endpoint = ""
+        self.relayed: RelayedService | None = None  # serving through relays (--relay)
         self.throughput = 0.0
         # --experts auto: the model's experts, one's size in bytes, and what this node hosts
         self.model_id = ""
@@ -224,12 +226,17 @@ class PeerNode:
             throughput=self.throughput,
             device=str(self.device),
             version=__version__,
+            reach=self.relayed.reach if self.relayed is not None else None,
         )
 
     async def require_reachable(self) -> None:
         """Refuse to announce an address other nodes cannot dial, saying what to change."""
         cfg = self.config
+        if cfg.relay == "always":
+            return await self.serve_relayed("--relay always")
         ok, detail = await check_reachable(self.dht, list(cfg.initial_peers), self.endpoint)
+        if ok is False and cfg.relay == "auto":
+            return await self.serve_relayed(f"not directly reachable at {self.endpoint} ({detail})")
         if ok is None:
             log.warning("could not verify that %s is reachable (%s); announcing anyway", self.endpoint, detail)
             return
@@ -242,8 +249,15 @@ class PeerNode:
             )
             raise ConnectionError(
                 f"other nodes cannot reach this peer at {self.endpoint} ({detail}); announcing it would send "
-                f"coordinators to a dead address. To fix: {hint}. (--skip-reachability-check announces anyway.)"
+                f"coordinators to a dead address. To fix: {hint}; or serve through the swarm's relays "
+                "(--relay auto, slower). (--skip-reachability-check announces anyway.)"
             )
+
+    async def serve_relayed(self, why: str) -> None:
+        """Serve through the swarm's relays (its initial peers) over libp2p, and say so."""
+        self.relayed = RelayedService(self.servicer, [p for p in self.config.initial_peers if "/p2p/" in p])
+        reach = await self.relayed.start(self.config.host)
+        log.info("%s: serving through relay %s as libp2p peer %s", why, " ".join(reach.relays), reach.peer)
 
     async def serve_until_stopped(self) -> None:
         """Serve (re-placing now and then with --experts auto) until stop()."""
@@ -296,6 +310,8 @@ class PeerNode:
             self._signals = False
         if self.server is not None:
             await self.server.stop(grace=None)
+        if self.relayed is not None:
+            await self.relayed.close()
         if self.servicer is not None:
             self.servicer.close()
         if self.dht is not None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .envelope import PUBLIC_KEY_LEN, SIGNATURE_LEN, fingerprint, kx_statement, verify
 from .limits import MAX_ENDPOINT_LEN
+from .reach import Reach
 
 if TYPE_CHECKING:
     from .envelope import Identity
@@ -43,6 +44,7 @@ class PeerState(StrEnum):
 
 
 NOT_SERVING = "peer is not serving"
+OPTIONAL_FIELDS = frozenset({"reach"})
 
 
 def expert_uid(model_id: str, layer: int, expert: int) -> str:
@@ -74,6 +76,12 @@ class PeerRecord:
     identity: bytes = b""  # Ed25519 public key: receipts verify against it; the peer's name is its fingerprint
     kx: bytes = b""  # static X25519 public key coordinators open sessions to
     kx_sig: bytes = b""  # identity's signature over (kx, this record's DHT owner)
+    reach: Reach | None = None  # optional: reached over libp2p through relays, not at the endpoint
+
+    @property
+    def route(self) -> str:
+        """Where a coordinator sends requests: the gRPC endpoint, or the relayed peer's route."""
+        return self.reach.route if self.reach is not None else self.endpoint
 
     @classmethod
     def signed(cls, identity: Identity, owner: bytes, **fields: Any) -> PeerRecord:
@@ -91,6 +99,10 @@ class PeerRecord:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["state"] = self.state.value
+        if self.reach is None:
+            del d["reach"]  # records without it read the same everywhere
+        else:
+            d["reach"] = self.reach.to_raw()
         return d
 
     @classmethod
@@ -98,8 +110,8 @@ class PeerRecord:
         """Strict parse of an untrusted DHT value; ValueError names what is wrong."""
         if not isinstance(raw, dict):
             raise ValueError(f"peer record must be a dict, got {type(raw).__name__}")
-        expected = {f for f in cls.__dataclass_fields__}
-        if set(raw) != expected:
+        expected = {f for f in cls.__dataclass_fields__} - OPTIONAL_FIELDS
+        if set(raw) - OPTIONAL_FIELDS != expected:
             raise ValueError(f"peer record fields {sorted(raw)} != {sorted(expected)}")
         endpoint = raw["endpoint"]
         if not isinstance(endpoint, str) or not 0 < len(endpoint) <= MAX_ENDPOINT_LEN or ":" not in endpoint:
@@ -125,6 +137,7 @@ class PeerRecord:
             identity=raw["identity"],
             kx=raw["kx"],
             kx_sig=raw["kx_sig"],
+            reach=Reach.from_raw(raw["reach"]) if "reach" in raw else None,
         )
 
 

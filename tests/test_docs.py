@@ -16,7 +16,14 @@ from protos.plumbing.cliconfig import env_vars
 pytestmark = pytest.mark.unit  # pure logic: the fast subset
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["architecture.md", "protocol.md", "running-a-peer.md", "joining.md", "troubleshooting.md"]
+DOCS = [
+    "architecture.md",
+    "protocol.md",
+    "running-a-peer.md",
+    "running-a-public-swarm.md",
+    "joining.md",
+    "troubleshooting.md",
+]
 PARSERS = {"moe-peer": peer_parser, "moe-swarm": swarm_parser}
 # flags of other tools the docs show (docker, pip, compose)
 FOREIGN_FLAGS = {"--gpus", "--restart", "--rm", "--index-url", "--build", "--help"}

@@ -19,9 +19,7 @@ GENERATED = ("_pb2.py", "_pb2_grpc.py")
 
 
 def _sources() -> list[Path]:
-    return sorted(
-        p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if not p.name.endswith(GENERATED)
-    )
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if not p.name.endswith(GENERATED))
 
 
 def _declarative_parser(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:

@@ -109,12 +109,15 @@ def test_unreachable_announced_address_is_refused_with_what_to_do(swarm):
         "16",
         "--announce-port",
         str(dead),
+        "--relay",
+        "never",  # with relays allowed (the default) it serves through them instead (tests/test_relay.py)
         "--initial-peers",
         *swarm.initial_peers,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot reach this peer at 127.0.0.1:{dead}" in result.stderr
     assert "--announce-host" in result.stderr and "Traceback" not in result.stderr
+    assert "--relay auto" in result.stderr
 
 
 def test_a_dht_port_in_use_is_refused_with_one_line(swarm):

@@ -50,6 +50,11 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run hivemind's RemoteMixtureOfExperts on the same number of ffn experts",
     )
+    p.add_argument(
+        "--relayed",
+        action="store_true",
+        help="instead: a direct peer vs one served through a circuit relay (libp2p), side by side",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
 
 
@@ -77,6 +82,10 @@ def run_layer_bench(args: argparse.Namespace) -> dict:
     """
     if args.rounds < 1 or args.repeats < 1 or args.hivemind_repeats < 1:
         raise SystemExit("bench layer: --rounds, --repeats and --hivemind-repeats must be >= 1")
+    if args.relayed:
+        from coordinator.bench.relayed import run_relayed_layer_bench
+
+        return run_relayed_layer_bench(args)
     ffn = args.ffn or hivemind_matched_ffn(args.hidden)
     config = ToyConfig(num_layers=1, num_experts=args.experts, hidden_dim=args.hidden, ffn_dim=ffn, top_k=args.k)
     x = layer_input(args.tokens, args.hidden)

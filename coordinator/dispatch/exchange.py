@@ -12,6 +12,7 @@ import torch
 
 from coordinator.dispatch import sealed
 from coordinator.dispatch.plan import PeerCall
+from coordinator.dispatch.relayed import relay_dropped
 from coordinator.dispatch.result import RemoteExpertError
 from coordinator.dispatch.stats import DispatchStats
 from coordinator.dispatch.transport import Channels, Sessions
@@ -59,10 +60,11 @@ class Exchange:
                     return await self._send(call, rows, max(deadline - loop.time(), 1e-3), started)
                 except grpc.aio.AioRpcError as e:
                     forgotten = e.code() == grpc.StatusCode.UNAUTHENTICATED and UNKNOWN_SESSION in (e.details() or "")
-                    if attempt or not forgotten or self.sessions is None:
+                    if attempt or not ((forgotten and self.sessions is not None) or relay_dropped(e)):
                         raise
-                    # the peer restarted or evicted our session: open a new one, once
-                    self.sessions.forget(replica.record.endpoint, replica.record.kx)
+                    if forgotten:  # the peer restarted or evicted our session: open a new one, once
+                        self.sessions.forget(replica.record.route, replica.record.kx)
+                    # a relayed connection reset (a relay's limits, a relay gone): once more, on a new one
         except grpc.aio.AioRpcError as e:
             uids = ", ".join(u for u, _ in call.segments)
             raise RemoteExpertError(
@@ -80,13 +82,16 @@ class Exchange:
         replica = call.replica
         keys, counter = None, 0
         if self.sessions is not None:
-            session = await self.sessions.get(replica.record.endpoint, replica.record.kx, timeout)
+            record = replica.record
+            session = await self.sessions.get(record.route, record.kx, timeout, record.reach)
             keys, counter = session.keys, next(session.counters)
         sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
         loop = asyncio.get_running_loop()
         written = loop.create_future()
         rpc = asyncio.ensure_future(
-            self.channels.forward(replica.record.endpoint, sent.request, sent.plaintext.nbytes, timeout, written)
+            self.channels.forward(
+                replica.record.route, sent.request, sent.plaintext.nbytes, timeout, written, replica.record.reach
+            )
         )
         rpc.add_done_callback(lambda _: written.done() or written.set_result(None))  # failed before writing
         try:

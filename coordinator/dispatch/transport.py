@@ -1,5 +1,6 @@
 """gRPC channels to peers, one per endpoint, reused across calls; a Forward stream per peer for
-small requests; sealed sessions over them."""
+small requests; sealed sessions over them. A relayed peer (its record carries `reach`) gets
+the same streams and sessions over libp2p (coordinator/dispatch/relayed.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -17,6 +19,10 @@ from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.envelope import EnvelopeError, Identity, SessionKeys
 from protos.limits import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+
+if TYPE_CHECKING:
+    from coordinator.dispatch.relayed import RelayedStub, RelayLink
+    from protos.reach import Reach
 
 # Requests up to this many payload bytes go on the peer's stream; bigger ones as unary calls,
 # each on its own HTTP/2 stream, so a big message never holds back the small ones behind it.
@@ -144,28 +150,50 @@ class Channels:
         self.max_message_bytes = max_message_bytes
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.ExpertServiceStub]] = {}
         self._streams: dict[str, PeerStream] = {}
+        self._relayed: dict[str, RelayedStub] = {}
+        self.link: RelayLink | None = None  # libp2p, started when a relayed peer is first called
 
-    def stub(self, endpoint: str) -> pb_grpc.ExpertServiceStub:
+    def stub(self, endpoint: str, reach: Reach | None = None) -> pb_grpc.ExpertServiceStub | RelayedStub:
+        """The stub for a peer at `endpoint`, or reached over libp2p through relays (`reach`)."""
+        if reach is not None:
+            return self._relayed_stub(reach)
         entry = self._stubs.get(endpoint)
         if entry is None:
             channel = grpc.aio.insecure_channel(endpoint, options=grpc_options(self.max_message_bytes))
             entry = self._stubs[endpoint] = (channel, pb_grpc.ExpertServiceStub(channel))
         return entry[1]
 
+    def _relayed_stub(self, reach: Reach) -> RelayedStub:
+        from coordinator.dispatch.relayed import RelayedStub, RelayLink
+
+        stub = self._relayed.get(reach.route)
+        if stub is None or stub.reach != reach:  # new, or announced through other relays
+            self.link = self.link or RelayLink()
+            stub = self._relayed[reach.route] = RelayedStub(self.link, reach, self.max_message_bytes)
+        return stub
+
     async def forward(
-        self, endpoint: str, request: pb.ForwardRequest, nbytes: int, timeout: float, sent: asyncio.Future | None = None
+        self,
+        endpoint: str,
+        request: pb.ForwardRequest,
+        nbytes: int,
+        timeout: float,
+        sent: asyncio.Future | None = None,
+        reach: Reach | None = None,
     ) -> pb.ForwardResponse:
-        """One Forward: small ones on the peer's stream (no per-call setup), big ones unary.
-        `sent` (if given) resolves once the request is on its way: work the caller does then
-        overlaps the network and the peer."""
-        if nbytes > STREAM_MAX_BYTES:
+        """One Forward: small ones on the peer's stream (no per-call setup), big ones unary (over
+        relays, all on the stream). `sent` (if given) resolves once the request is on its way:
+        work the caller does then overlaps the network and the peer."""
+        if reach is not None:
+            endpoint = reach.route
+        elif nbytes > STREAM_MAX_BYTES:
             call = self.stub(endpoint).Forward(request, timeout=timeout)
             if sent is not None:  # the call's task, scheduled at its creation, sends first
                 asyncio.get_running_loop().call_soon(_resolve, sent)
             return await call
         stream = self._streams.get(endpoint)
         if stream is None:
-            stream = self._streams[endpoint] = PeerStream(self.stub(endpoint))
+            stream = self._streams[endpoint] = PeerStream(self.stub(endpoint, reach))
         return await stream.forward(request, timeout, sent)
 
     async def close(self) -> None:
@@ -175,6 +203,10 @@ class Channels:
         for channel, _ in self._stubs.values():
             await channel.close()
         self._stubs.clear()
+        self._relayed.clear()
+        if self.link is not None:
+            await self.link.close()
+            self.link = None
 
 
 @dataclass
@@ -201,7 +233,7 @@ class Sessions:
         self._sessions: dict[tuple[str, str], ClientSession] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
-    async def get(self, endpoint: str, peer_kx: bytes, timeout: float) -> ClientSession:
+    async def get(self, endpoint: str, peer_kx: bytes, timeout: float, reach: Reach | None = None) -> ClientSession:
         key = (endpoint, peer_kx.hex())
         session = self._sessions.get(key)
         if session is not None and session.fresh(time.monotonic()):
@@ -211,7 +243,7 @@ class Sessions:
             if session is not None and session.fresh(time.monotonic()):
                 return session
             hello, keys = sealed.hello(self.identity, peer_kx)
-            accept = await self.channels.stub(endpoint).OpenSession(hello, timeout=timeout)
+            accept = await self.channels.stub(endpoint, reach).OpenSession(hello, timeout=timeout)
             if accept.session_id != keys.session_id:
                 raise EnvelopeError("peer derived another session id: it does not hold the key it announced")
             session = self._sessions[key] = ClientSession(keys, time.monotonic(), float(accept.ttl_s or 60))

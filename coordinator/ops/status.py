@@ -77,6 +77,7 @@ class ReplicaStatus:
     throughput: float | None = None
     device: str | None = None
     version: str | None = None
+    reach: str | None = None  # "direct", or "relayed via <relay address>/..<end of its id>"
     error: str | None = None  # why the record was rejected
 
     @property
@@ -159,6 +160,7 @@ def parse_replicas(subkeys: dict[Any, tuple[object, float]], now: float) -> list
                 throughput=rec.throughput,
                 device=rec.device,
                 version=rec.version,
+                reach=rec.reach.describe() if rec.reach is not None else "direct",
             )
         )
     return sorted(out, key=lambda r: (not r.serving, r.endpoint or "", r.peer_id))
@@ -268,7 +270,7 @@ def _replica_line(r: ReplicaStatus) -> Text:
         return Text(f"{r.peer_id[-8:]} invalid record: {r.error}", style="red")
     state = r.state if r.expires_in > 0 else "expired"
     return Text.assemble(
-        (f"{r.peer_id} {r.endpoint} ", ""),
+        (f"{r.peer_id} {r.endpoint if r.reach == 'direct' else r.reach} ", ""),
         (state or "", _STATE_STYLE.get(state or "", "dim")),
         f" load {r.load} {r.throughput:.0f} tok/s {r.expires_in:.0f}s",
     )
@@ -291,7 +293,7 @@ def experts_table(status: SwarmStatus) -> Table:
 
 def peers_table(status: SwarmStatus) -> Table:
     table = Table(title="peers")
-    for col in ("peer", "endpoint", "state", "hosts", "load", "tok/s", "device", "version", "expires in"):
+    for col in ("peer", "endpoint", "reach", "state", "hosts", "load", "tok/s", "device", "version", "expires in"):
         table.add_column(col, justify="right" if col in ("load", "tok/s", "expires in") else "left")
     for p in status.peers():
         if p["error"] is not None:
@@ -301,6 +303,7 @@ def peers_table(status: SwarmStatus) -> Table:
         table.add_row(
             p["peer_id"],
             p["endpoint"],
+            p["reach"],
             Text(state, style=_STATE_STYLE.get(state, "dim")),
             hosted_spec(p["experts"], status.experts),
             str(p["load"]),

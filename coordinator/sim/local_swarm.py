@@ -69,6 +69,7 @@ class LocalSwarm:
         self.start_timeout = start_timeout
         self.processes: list[Process] = []
         self.initial_peers: list[str] = []
+        self.netns: dict[str, str] = {}  # process name -> network namespace it runs in (tests' topologies)
 
     def _spawn(self, name: str, argv: list[str]) -> Process:
         proc = self._launch(name, argv)
@@ -84,8 +85,9 @@ class LocalSwarm:
         log_path = self.workdir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "ab") as log:  # a restarted process appends to its predecessor's log
+            wrap = ["ip", "netns", "exec", self.netns[name]] if name in self.netns else []
             popen = subprocess.Popen(
-                [sys.executable, *argv, "--ready-file", str(ready)],
+                [*wrap, sys.executable, *argv, "--ready-file", str(ready)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -124,8 +126,8 @@ class LocalSwarm:
             self._wait_ready(proc)
         return procs
 
-    def start_bootstrap(self) -> Process:
-        proc = self._spawn("bootstrap", ["-m", "coordinator", "bootstrap"])
+    def start_bootstrap(self, *args: str) -> Process:
+        proc = self._spawn("bootstrap", ["-m", "coordinator", "bootstrap", *args])
         self.initial_peers = proc.info["maddrs"]
         return proc
 

@@ -188,4 +188,3 @@ class HostedExperts(ExpertBackend):
         experts = next(iter(self.layers.values()))
         x = torch.randn(rows, self.hidden_dim).to(self.device, self.dtype)
         return time_throughput(lambda: experts.one(0, x), rows, repeats, self.device)
-

@@ -7,7 +7,8 @@ One generic layer over argparse, shared by `moe-peer` and `moe-swarm`:
 Precedence: command line > environment > config file > built-in default. `--max-rows` of
 any subcommand reads MOE_PEER_MAX_ROWS; the file (`--config FILE` or MOE_PEER_CONFIG) holds
 top-level `max-rows = 4096` keys for every subcommand that has the flag, and tables such as
-`[serve]` or `[bench.layer]` for one subcommand. Unknown keys, unparsable values and
+`[serve]` or `[bench.layer]` for one subcommand (a swarm's list: `initial-peers = [...]`), and
+an argument `@FILE` stands for the lines of FILE (`--initial-peers @swarm.txt`). Unknown keys, unparsable values and
 unreadable files are usage errors (`prog: error: ...`, exit 2), never tracebacks.
 
 How: before parsing, each flag's default is replaced by a `_Layered` wrapper holding the
@@ -125,7 +126,16 @@ def install(parser: argparse.ArgumentParser, env_prefix: str) -> argparse.Argume
         return _parse_layered(parser, original, env_prefix, args, namespace, os.environ)
 
     parser.parse_known_args = parse_known_args  # type: ignore[method-assign]  # parse_args calls it
+    # `--initial-peers @swarm.txt`: an argument @FILE stands for the file's lines (a swarm is named
+    # by its bootstrap list, one multiaddr per line; blank lines and # comments are skipped)
+    parser.fromfile_prefix_chars = "@"
+    parser.convert_arg_line_to_args = _file_arg_lines  # type: ignore[method-assign]
     return parser
+
+
+def _file_arg_lines(line: str) -> list[str]:
+    line = line.strip()
+    return [] if not line or line.startswith("#") else [line]
 
 
 def _config_path(argv: Sequence[str], env: Mapping[str, str], prefix: str) -> Path | None:

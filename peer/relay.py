@@ -1,0 +1,149 @@
+"""Serving through circuit relays: the same ExpertService over libp2p streams, for a peer that
+nobody can dial (or one started with --relay always).
+
+The servicer's own logic answers: OPEN streams carry one SessionHello and get the servicer's
+OpenSession answer; FORWARD streams are a ForwardStream (the servicer's StreamHandler, so
+validation, admission, batching, sealing, receipts and refusals are the ones gRPC callers
+get). Frames are bounded by the peer's max message size before a byte is parsed
+(protos/reach.py); sealing above the transport keeps the relays blind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from protos import expert_service_pb2 as pb
+from protos.plumbing.p2p import start_relayed_node
+from protos.reach import (
+    ACCEPTED,
+    FORWARD,
+    MAX_HELLO_BYTES,
+    MAX_RELAYS,
+    OPEN,
+    REFUSED,
+    FrameError,
+    Reach,
+    read_frame,
+    write_frame,
+)
+
+from .service.stream import StreamHandler
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P
+
+    from .service.servicer import ExpertServicer
+
+log = logging.getLogger("moe-peer")
+RESERVE_WAIT_S = 15.0  # how long start-up waits for a connection to a relay
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
+class _Context:
+    """What the servicer's OpenSession needs of a gRPC context."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+class RelayedService:
+    """This peer's libp2p node and its two stream handlers."""
+
+    def __init__(self, servicer: ExpertServicer, relays: Sequence[str]) -> None:
+        self.servicer = servicer
+        self.metrics = servicer.metrics
+        self.relays = list(relays)[:MAX_RELAYS]
+        self.p2p: P2P | None = None
+        self.reach: Reach | None = None  # how coordinators reach us, once started
+        self.requests = 0  # relayed Forward requests received
+        self.bytes_in = 0  # frame bytes received and sent over relays
+        self.bytes_out = 0
+
+    async def start(self, host: str) -> Reach:
+        if not self.relays:
+            raise ConnectionError("no relay to serve through: --initial-peers names no /p2p/ multiaddr")
+        self.p2p = await start_relayed_node(self.relays, host)
+        await self.p2p.add_binary_stream_handler(OPEN, self._open)
+        await self.p2p.add_binary_stream_handler(FORWARD, self._forward)
+        await self._wait_for_relay()
+        self.reach = Reach(self.p2p.peer_id.to_base58(), tuple(self.relays))
+        return self.reach
+
+    async def _wait_for_relay(self) -> None:
+        ids = {r.rsplit("/p2p/", 1)[-1] for r in self.relays}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESERVE_WAIT_S
+        while loop.time() < deadline:
+            if any(p.peer_id.to_base58() in ids for p in await self.p2p.list_peers()):
+                await asyncio.sleep(0.5)  # the reservation follows the connection at once
+                return
+            await asyncio.sleep(0.2)
+        raise ConnectionError(f"could not connect to any relay of {self.relays} within {RESERVE_WAIT_S:.0f}s")
+
+    async def _open(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer):
+            try:
+                data = await asyncio.wait_for(read_frame(reader, MAX_HELLO_BYTES), RESERVE_WAIT_S)
+                try:
+                    hello = pb.SessionHello.FromString(data or b"")
+                except DecodeError:
+                    hello = None
+                try:
+                    accept = await self.servicer.OpenSession(hello, _Context())
+                    reply = ACCEPTED + accept.SerializeToString()
+                except _Aborted as e:
+                    reply = REFUSED + pb.Refusal(code=e.code.value[0], message=str(e)).SerializeToString()
+                write_frame(writer, reply)
+                await writer.drain()
+            except (FrameError, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+                return
+
+    async def _requests(self, reader: asyncio.StreamReader) -> AsyncIterator[pb.ForwardRequest | None]:
+        limit = self.servicer.limits.max_message_bytes
+        while (data := await read_frame(reader, limit)) is not None:
+            self.bytes_in += len(data)
+            try:
+                request = pb.ForwardRequest.FromString(data)
+            except DecodeError:
+                request = None
+            if request is not None and not request.cancel:
+                self.requests += 1
+                if self.metrics is not None:
+                    self.metrics.relayed_requests.inc()
+            if self.metrics is not None:
+                self.metrics.relayed_bytes.labels("in").inc(len(data))
+            yield request
+
+    async def _forward(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = f"p2p:{getattr(info, 'peer_id', '?')}"
+        servicer = self.servicer
+        stream = StreamHandler(servicer.serve_request, client, servicer.limits.max_stream_requests)
+        with contextlib.closing(writer):
+            try:
+                async with contextlib.aclosing(stream.run(self._requests(reader))) as replies:
+                    async for reply in replies:
+                        data = reply.SerializeToString()
+                        self.bytes_out += len(data)
+                        if self.metrics is not None:
+                            self.metrics.relayed_bytes.labels("out").inc(len(data))
+                        write_frame(writer, data)
+                        await writer.drain()
+            except (FrameError, ConnectionError, asyncio.IncompleteReadError) as e:
+                log.debug("relayed stream from %s ended: %s", client, e)
+
+    async def close(self) -> None:
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+            self.p2p = None
