@@ -4,11 +4,21 @@ Every moe-swarm DHT node (bootstrap and peers) answers "can you reach host:port?
 a TCP connection to it; a starting peer asks the nodes it joined through before announcing
 its endpoint, so a NATed or mis-addressed peer is told what to fix instead of publishing a
 dead address. Handlers run inside the DHT process (hivemind's `run_coroutine`).
+
+The dial-back is not a port scanner for hire: a node dials only the address it sees the
+requester's libp2p connection come from (a host name must resolve to it), at most one dial
+per requesting address every DIAL_INTERVAL_S and DIAL_CONCURRENCY at once, and it answers
+yes or no with one of a few fixed reasons, never an error text of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
+import socket
+import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from protos import expert_service_pb2 as pb
@@ -19,22 +29,72 @@ if TYPE_CHECKING:
 
 HANDLER = "moe_swarm.v1.reachability"
 DIAL_TIMEOUT_S = 3.0
+DIAL_INTERVAL_S = 1.0  # per requesting address
+DIAL_CONCURRENCY = 8  # dials in progress on one node, all requesters together
+MAX_TRACKED = 4096  # requesting addresses remembered for the interval
+NOT_YOURS = "this node dials only the address it sees you at"
+BUSY = "too many reachability checks; retry later"
+MALFORMED = "malformed endpoint"
+CLOSED = "no connection"
+_last_dial: OrderedDict[str, float] = OrderedDict()  # requesting address -> when it was last served
+_dials = asyncio.Semaphore(DIAL_CONCURRENCY)
 
 
-async def _dial(request: pb.ReachabilityRequest, context: object) -> pb.ReachabilityReply:
-    host, _, port = request.endpoint.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return pb.ReachabilityReply(reachable=False, detail=f"malformed endpoint {request.endpoint!r}")
+async def _observed_host(p2p: object, peer_id: object) -> str | None:
+    """The IP address the requester's connection to this node comes from."""
+    for info in await p2p.list_peers():  # the daemon's connections, with their remote addresses
+        if info.peer_id == peer_id:
+            for addr in info.addrs:
+                parts = str(addr).split("/")
+                if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+                    return parts[2]
+    return None
+
+
+async def _resolves_to(host: str, observed: str) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), DIAL_TIMEOUT_S)
-    except (OSError, TimeoutError) as e:
-        return pb.ReachabilityReply(reachable=False, detail=f"{type(e).__name__}: {e}".strip(": "))
-    writer.close()
-    return pb.ReachabilityReply(reachable=True)
+        return ipaddress.ip_address(host) == ipaddress.ip_address(observed)
+    except ValueError:  # a host name: it must resolve to the observed address
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError:
+            return False
+        return any(ipaddress.ip_address(i[4][0]) == ipaddress.ip_address(observed) for i in infos)
+
+
+def _may_dial(observed: str) -> bool:
+    now = time.monotonic()
+    last = _last_dial.pop(observed, None)
+    _last_dial[observed] = now if last is None or now - last >= DIAL_INTERVAL_S else last
+    while len(_last_dial) > MAX_TRACKED:
+        _last_dial.popitem(last=False)
+    return last is None or now - last >= DIAL_INTERVAL_S
+
+
+async def _dial(p2p: object, request: pb.ReachabilityRequest, context: object) -> pb.ReachabilityReply:
+    host, _, port = request.endpoint.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return pb.ReachabilityReply(reachable=False, detail=MALFORMED)
+    if _dials.locked():
+        return pb.ReachabilityReply(reachable=False, detail=BUSY)
+    async with _dials:
+        observed = await _observed_host(p2p, context.remote_id)
+        if observed is None or not _may_dial(observed):
+            return pb.ReachabilityReply(reachable=False, detail=BUSY if observed else NOT_YOURS)
+        if not await _resolves_to(host, observed):
+            return pb.ReachabilityReply(reachable=False, detail=NOT_YOURS)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(observed, int(port)), DIAL_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            return pb.ReachabilityReply(reachable=False, detail=CLOSED)
+        writer.close()
+        return pb.ReachabilityReply(reachable=True)
 
 
 async def _register(dht: DHT, node: DHTNode) -> None:
-    await node.protocol.p2p.add_protobuf_handler(HANDLER, _dial, pb.ReachabilityRequest)
+    p2p = node.protocol.p2p
+    await p2p.add_protobuf_handler(HANDLER, functools.partial(_dial, p2p), pb.ReachabilityRequest)
 
 
 def serve_dial_back(dht: DHT) -> None:
@@ -57,8 +117,6 @@ async def _ask(dht: DHT, node: DHTNode, peer_id: str, endpoint: str) -> tuple[bo
 async def check_reachable(dht: DHT, initial_peers: list[str], endpoint: str) -> tuple[bool | None, str]:
     """(True, "") when a node we joined through reached `endpoint`; (False, why) when one tried
     and failed; (None, why) when no node could be asked (first node of a swarm, old nodes)."""
-    import functools
-
     errors = []
     for maddr in initial_peers:
         peer_id = maddr.rsplit("/p2p/", 1)[-1] if "/p2p/" in maddr else None
