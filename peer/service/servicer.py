@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from ..hellos import HelloRefused
 from ..sessions import Session
 from . import steps
 from .errors import UNPARSABLE, RequestError
-from .gate import CallBudget, CallGate, client_address
+from .gate import ADDRESS_SHARE, CallBudget, CallGate, client_address
 from .settings import Access, Batching, ServiceLimits
 from .stream import StreamHandler
 
@@ -63,7 +64,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.access = access or Access()
         batching = batching or Batching()
         self.state = PeerState.JOINING
-        self.load = 0  # token rows admitted and not yet answered
+        self.load = 0  # token rows admitted and not yet answered (an answer not yet written counts)
+        self.load_by_address: dict[str, int] = {}  # the same, per client address
         self.served_requests = 0
         self.served_rows = 0
         # one compute thread per device: the event loop keeps parsing and validating meanwhile
@@ -100,7 +102,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self._hasher.shutdown(wait=True, cancel_futures=True)
 
     def admissible(
-        self, request: pb.ForwardRequest | None, deadline: float | None
+        self, request: pb.ForwardRequest | None, deadline: float | None, address: str = ""
     ) -> tuple[steps.Segments, int, bytes, Session | None]:
         """(segments, rows, input bytes, session) of a request this peer can take now; RequestError
         otherwise. The session is looked up first, the segment count bounded before any loop."""
@@ -118,6 +120,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"overloaded: {self.load} rows queued, {rows} more exceed {self.limits.max_queue_rows}",
+            )
+        share = max(self.limits.max_queue_rows // ADDRESS_SHARE, self.limits.max_rows)  # one full request fits
+        if (mine := self.load_by_address.get(address, 0)) + rows > share:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this address holds {mine} rows queued or unsent; {rows} more exceed its share {share}",
             )
         return segments, rows, data, session
 
@@ -143,9 +151,18 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         await self.experts.settle(compute_ms)
         return out, queue_ms, compute_ms
 
-    def release(self, rows: int) -> None:
-        """Rows whose answer is written: they leave the peer's load."""
+    def admit(self, address: str, rows: int) -> None:
+        self.load += rows
+        self.load_by_address[address] = self.load_by_address.get(address, 0) + rows
+
+    def release(self, address: str, rows: int) -> None:
+        """Rows whose answer is written (or that failed): they leave the peer's load."""
         self.load -= rows
+        left = self.load_by_address.get(address, 0) - rows
+        if left > 0:
+            self.load_by_address[address] = left
+        else:
+            self.load_by_address.pop(address, None)
 
     async def serve_request(
         self, request: pb.ForwardRequest | None, address: str, deadline: float | None, held: list[int] | None = None
@@ -159,11 +176,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         segments: steps.Segments = []
         status = "CANCELLED"
         try:
-            segments, rows, data, session = self.admissible(request, deadline)
+            segments, rows, data, session = self.admissible(request, deadline, address)
             x, plain, header = steps.open_inputs(request, segments, data, address, self.access, session)
             del data  # the sealed bytes: only the plaintext is needed from here
             admitted = rows
-            self.load += admitted
+            self.admit(address, admitted)
             digest = self.request_digest(header, plain)
             out, queue_ms, compute_ms = await self.compute(x, segments, deadline)
             if deadline is not None and time.monotonic() >= deadline:
@@ -188,7 +205,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             status = "INTERNAL"
             raise RequestError(grpc.StatusCode.INTERNAL, "internal error while computing experts") from e
         finally:
-            self.load -= admitted
+            self.release(address, admitted)
             self._observe(status, segments, started)
 
     def _observe(self, status: str, segments: steps.Segments, started: float) -> None:
@@ -209,9 +226,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self, requests: AsyncIterator[pb.ForwardRequest | None], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ForwardResponse]:
         """Many Forwards on one stream, answered as they complete; refusals are answers too."""
-        stream = StreamHandler(
-            self.serve_request, self.release, client_address(context.peer()), self.limits.max_stream_requests
-        )
+        address = client_address(context.peer())
+        release = functools.partial(self.release, address)
+        stream = StreamHandler(self.serve_request, release, address, self.limits.max_stream_requests)
         async with contextlib.aclosing(stream.run(requests)) as replies:
             async for reply in replies:
                 yield reply
