@@ -136,7 +136,8 @@ class PeerConfig:
         rate = self.address_rate_limit or (ADDRESS_SHARE_OF_RATE * self.rate_limit if self.rate_limit else None)
         if rate is None:
             return None
-        return RateLimiter(rate, max(rate, ADDRESS_SHARE_OF_RATE * (self.rate_burst or 0), self.max_rows))
+        burst = self.rate_burst or max(self.rate_limit or rate, self.max_rows)  # as one identity's, below
+        return RateLimiter(rate, ADDRESS_SHARE_OF_RATE * burst)
 
     def limits(self) -> ServiceLimits:
         memory = parse_bytes(self.request_memory) if self.request_memory else DEFAULT_REQUEST_MEMORY
