@@ -62,6 +62,13 @@ async def _resolves_to(host: str, observed: str) -> bool:
         return any(ipaddress.ip_address(i[4][0]) == ipaddress.ip_address(observed) for i in infos)
 
 
+def _other_ip(host: str, observed: str) -> bool:
+    try:
+        return ipaddress.ip_address(host) != ipaddress.ip_address(observed)
+    except ValueError:
+        return False  # a host name: resolved once the rate allows
+
+
 def _may_dial(observed: str) -> bool:
     now = time.monotonic()
     last = _last_dial.pop(observed, None)
@@ -80,8 +87,10 @@ async def _dial(p2p: object, request: pb.ReachabilityRequest, context: object) -
         return pb.ReachabilityReply(reachable=False, detail=BUSY)
     async with _dials:
         observed = await _observed_host(p2p, context.remote_id)
-        if observed is None or not _may_dial(observed):
-            return pb.ReachabilityReply(reachable=False, detail=BUSY if observed else NOT_YOURS)
+        if observed is None or _other_ip(host, observed):  # refused without cost: no rate charged
+            return pb.ReachabilityReply(reachable=False, detail=NOT_YOURS)
+        if not _may_dial(observed):
+            return pb.ReachabilityReply(reachable=False, detail=BUSY)
         if not await _resolves_to(host, observed):
             return pb.ReachabilityReply(reachable=False, detail=NOT_YOURS)
         try:
