@@ -121,9 +121,9 @@ class RawH2:
         while sent < len(data):
             with self.lock:
                 ok = self.lock.wait_for(
-                    lambda: self.goaway
-                    or stream in self.closed
-                    or min(self.send_window[0], self.send_window[stream]) > 0,
+                    lambda: (
+                        self.goaway or stream in self.closed or min(self.send_window[0], self.send_window[stream]) > 0
+                    ),
                     timeout,
                 )
                 if not ok or self.goaway or stream in self.closed:
