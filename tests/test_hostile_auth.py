@@ -4,6 +4,7 @@ dial-back, each attack run against a real `moe-peer serve` process."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import threading
 from collections.abc import Iterator
@@ -163,9 +164,19 @@ def test_the_dial_back_dials_only_the_requesters_own_address_and_says_only_yes_o
             assert ask(f"127.0.0.3:{other_port}") == (False, reachability.NOT_YOURS)
         assert not other_accepted  # never dialled
         assert ask(f"127.0.0.1:{mine.getsockname()[1]}") == (True, "")
-        assert ask(f"127.0.0.1:{mine.getsockname()[1]}") == (False, reachability.BUSY)  # once a second
-        assert ask(f"127.0.0.1:{other_port}")[0] is False  # closed: a plain no, no error text
         assert mine_accepted == ["127.0.0.1"]
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        assert ask(f"127.0.0.1:{closed}") == (False, reachability.CLOSED)  # a plain no, no error text
+
+        async def burst() -> list[tuple[bool, str]]:  # many at once from one address: the rate holds
+            call = functools.partial(reachability._ask, peer_id=initial[0].rsplit("/p2p/", 1)[1], endpoint=mine_at)
+            return await asyncio.gather(*(dht.run_coroutine(call, return_future=True) for _ in range(12)))
+
+        mine_at = f"127.0.0.1:{mine.getsockname()[1]}"
+        answers = asyncio.run(burst())
+        assert (False, reachability.BUSY) in answers and len(mine_accepted) <= 1 + reachability.DIAL_BURST + 1
     finally:
         dht.shutdown()
         mine.close()

@@ -6,8 +6,8 @@ its endpoint, so a NATed or mis-addressed peer is told what to fix instead of pu
 dead address. Handlers run inside the DHT process (hivemind's `run_coroutine`).
 
 The dial-back is not a port scanner for hire: a node dials only the address it sees the
-requester's libp2p connection come from (a host name must resolve to it), at most one dial
-per requesting address every DIAL_INTERVAL_S and DIAL_CONCURRENCY at once, and it answers
+requester's libp2p connection come from (a host name must resolve to it), DIALS_PER_S per
+requesting address (bursts of DIAL_BURST) and DIAL_CONCURRENCY at once, and it answers
 yes or no with one of a few fixed reasons, never an error text of its own.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import random
 import socket
 import time
 from collections import OrderedDict
@@ -29,14 +30,15 @@ if TYPE_CHECKING:
 
 HANDLER = "moe_swarm.v1.reachability"
 DIAL_TIMEOUT_S = 3.0
-DIAL_INTERVAL_S = 1.0  # per requesting address
+DIALS_PER_S, DIAL_BURST = 1.0, 4.0  # per requesting address
 DIAL_CONCURRENCY = 8  # dials in progress on one node, all requesters together
-MAX_TRACKED = 4096  # requesting addresses remembered for the interval
+MAX_TRACKED = 4096  # requesting addresses whose budget is remembered
+BUSY_RETRIES = 30  # a starting peer told BUSY asks again, about once a second
 NOT_YOURS = "this node dials only the address it sees you at"
 BUSY = "too many reachability checks; retry later"
 MALFORMED = "malformed endpoint"
 CLOSED = "no connection"
-_last_dial: OrderedDict[str, float] = OrderedDict()  # requesting address -> when it was last served
+_buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # requesting address -> (tokens, at)
 _dials = asyncio.Semaphore(DIAL_CONCURRENCY)
 
 
@@ -70,12 +72,16 @@ def _other_ip(host: str, observed: str) -> bool:
 
 
 def _may_dial(observed: str) -> bool:
+    """A token bucket per requesting address: DIALS_PER_S, bursts of DIAL_BURST (several peers
+    behind one address start at once)."""
     now = time.monotonic()
-    last = _last_dial.pop(observed, None)
-    _last_dial[observed] = now if last is None or now - last >= DIAL_INTERVAL_S else last
-    while len(_last_dial) > MAX_TRACKED:
-        _last_dial.popitem(last=False)
-    return last is None or now - last >= DIAL_INTERVAL_S
+    tokens, at = _buckets.pop(observed, (DIAL_BURST, now))
+    tokens = min(DIAL_BURST, tokens + (now - at) * DIALS_PER_S)
+    ok = tokens >= 1
+    _buckets[observed] = (tokens - 1 if ok else tokens, now)
+    while len(_buckets) > MAX_TRACKED:
+        _buckets.popitem(last=False)
+    return ok
 
 
 async def _dial(p2p: object, request: pb.ReachabilityRequest, context: object) -> pb.ReachabilityReply:
@@ -133,7 +139,12 @@ async def check_reachable(dht: DHT, initial_peers: list[str], endpoint: str) -> 
             continue
         try:
             ask = functools.partial(_ask, peer_id=peer_id, endpoint=endpoint)
-            return await dht.run_coroutine(ask, return_future=True)
+            for _ in range(BUSY_RETRIES):  # peers starting together behind one address take turns
+                reachable, detail = await dht.run_coroutine(ask, return_future=True)
+                if detail != BUSY:
+                    break
+                await asyncio.sleep(random.uniform(0.5, 1.5) / DIALS_PER_S)
+            return reachable, detail
         except Exception as e:  # that node cannot answer: try the next
             errors.append(f"{peer_id[-8:]}: {type(e).__name__}")
     return None, "; ".join(errors) or "no initial peers to ask"
