@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sec.add_argument("--rate-burst", type=float, default=None, help="with --rate-limit: burst size in rows")
     sec.add_argument(
+        "--address-rate-limit",
+        type=float,
+        default=None,
+        help="token rows/s each client address may send, whatever identities it uses (default: 4 x --rate-limit)",
+    )
+    sec.add_argument(
+        "--request-memory",
+        default=None,
+        help="bytes of requests being received at once, all callers together (default 1GiB): with the largest "
+        "valid request it sets how many calls run at once, a quarter of them per address",
+    )
+    sec.add_argument(
         "--allow-plaintext",
         action="store_true",
         help="also take unsealed requests (benchmarks, trusted networks): activations then cross the wire in clear",

@@ -16,8 +16,11 @@ from protos.toy_model import ToyConfig
 
 from .backends.faults import Impairment
 from .placement import parse_bytes
+from .service.gate import DEFAULT_REQUEST_MEMORY
 from .service.settings import Batching, ServiceLimits
 from .sessions import RateLimiter
+
+ADDRESS_SHARE_OF_RATE = 4  # an address (a NAT may hide several coordinators) gets 4x one identity's rate
 
 DTYPES = ("float32", "bfloat16", "float16")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # bind addresses that announce nothing dialable
@@ -67,11 +70,13 @@ class PeerConfig:
     max_rows: int = DEFAULT_MAX_ROWS
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    request_memory: str | None = None  # bytes of requests being received at once (None: 1 GiB)
     # security
     key_file: Path | None = None  # None: a fresh identity each run
     allow_clients: Path | None = None  # private peer: file of coordinator public keys
     rate_limit: float | None = None  # public peer: token rows/s per client
     rate_burst: float | None = None
+    address_rate_limit: float | None = None  # token rows/s per client address (None: 4 x rate_limit)
     allow_plaintext: bool = False
     # observability
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a port
@@ -104,6 +109,7 @@ class PeerConfig:
             raise ValueError(f"--relay {self.relay!r} is not one of {', '.join(RELAY_MODES)}")
         self.impairment()
         self.rate_limiter()
+        self.limits()
 
     @property
     def auto_placement(self) -> bool:
@@ -132,9 +138,21 @@ class PeerConfig:
             return None
         return RateLimiter(self.rate_limit, self.rate_burst or max(self.rate_limit, self.max_rows))
 
+    def address_limiter(self) -> RateLimiter | None:
+        """Rows per client address, whatever identities it uses: fresh identities cost nothing."""
+        rate = self.address_rate_limit or (ADDRESS_SHARE_OF_RATE * self.rate_limit if self.rate_limit else None)
+        if rate is None:
+            return None
+        burst = self.rate_burst or max(self.rate_limit or rate, self.max_rows)  # as one identity's, below
+        return RateLimiter(rate, ADDRESS_SHARE_OF_RATE * burst)
+
     def limits(self) -> ServiceLimits:
+        memory = parse_bytes(self.request_memory) if self.request_memory else DEFAULT_REQUEST_MEMORY
         return ServiceLimits(
-            max_rows=self.max_rows, max_queue_rows=self.max_queue_rows, max_message_bytes=self.max_message_bytes
+            max_rows=self.max_rows,
+            max_queue_rows=self.max_queue_rows,
+            max_message_bytes=self.max_message_bytes,
+            request_memory=memory,
         )
 
     def batching(self) -> Batching:

@@ -144,7 +144,13 @@ class PeerNode:
         identity = Identity.load_or_create(cfg.key_file) if cfg.key_file is not None else Identity.generate()
         limiter = cfg.rate_limiter()
         allow = read_allowlist(cfg.allow_clients) if cfg.allow_clients is not None else None
-        return Access(identity, allow_plaintext=cfg.allow_plaintext, allow_clients=allow, rate_limiter=limiter)
+        return Access(
+            identity,
+            allow_plaintext=cfg.allow_plaintext,
+            allow_clients=allow,
+            rate_limiter=limiter,
+            address_limiter=cfg.address_limiter(),
+        )
 
     def _load(self, spec: str) -> ExpertBackend:
         backend = load_backend(self.config, spec, self.device)

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .ed25519 import key_problem
+
 KEY_FILE_VERSION = 1
 PUBLIC_KEY_LEN = 32
 SIGNATURE_LEN = 64
@@ -61,7 +63,10 @@ def fingerprint(identity_public: bytes) -> str:
 @functools.lru_cache(maxsize=4096)
 def _verifier(identity_public: bytes) -> Ed25519PublicKey:
     # decoding a public key (a point decompression) costs about as much as a verification;
-    # a coordinator checks every answer against the few identities it talks to
+    # a coordinator checks every answer against the few identities it talks to.
+    # Small-order and non-canonical keys are refused here, so everywhere a key is accepted.
+    if (problem := key_problem(identity_public)) is not None:
+        raise ValueError(problem)
     return Ed25519PublicKey.from_public_bytes(identity_public)
 
 
@@ -209,12 +214,20 @@ def client_hello(identity: Identity, peer_kx: bytes, now_ms: int | None = None) 
     return hello, _derive(shared, eph_public, peer_kx, identity.public)
 
 
-def accept_hello(identity: Identity, hello: Hello, now_ms: int | None = None) -> SessionKeys:
-    """The peer's side; EnvelopeError when the hello is forged or stale (ValueError: malformed)."""
+def precheck_hello(hello: Hello, now_ms: int | None = None) -> None:
+    """The checks of a hello that cost no crypto: sizes (ValueError), freshness and the client's
+    key (EnvelopeError). A peer runs them before anything else about a hello."""
     for name, value in (("client identity", hello.client_identity), ("ephemeral key", hello.client_ephemeral)):
         if len(value) != PUBLIC_KEY_LEN:
             raise ValueError(f"{name} must be {PUBLIC_KEY_LEN} bytes, got {len(value)}")
     check_fresh(hello.timestamp_ms, now_ms)
+    if (problem := key_problem(hello.client_identity)) is not None:
+        raise EnvelopeError(f"client identity refused: {problem}")
+
+
+def accept_hello(identity: Identity, hello: Hello, now_ms: int | None = None) -> SessionKeys:
+    """The peer's side; EnvelopeError when the hello is forged or stale (ValueError: malformed)."""
+    precheck_hello(hello, now_ms)
     statement = hello_statement(hello.client_ephemeral, identity.kx_public, hello.timestamp_ms)
     if not verify(hello.client_identity, hello.signature, statement):
         raise EnvelopeError("hello signature does not verify")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -31,8 +32,11 @@ from protos.envelope import EnvelopeError
 from protos.records import PeerState
 
 from ..batcher import DeadlineMissed, MicroBatcher
+from ..hellos import HelloRefused
+from ..sessions import Session
 from . import steps
 from .errors import UNPARSABLE, RequestError
+from .gate import ADDRESS_SHARE, CallBudget, CallGate, client_address
 from .settings import Access, Batching, ServiceLimits
 from .stream import StreamHandler
 
@@ -60,7 +64,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.access = access or Access()
         batching = batching or Batching()
         self.state = PeerState.JOINING
-        self.load = 0  # token rows admitted and not yet answered
+        self.load = 0  # token rows admitted and not yet answered (an answer not yet written counts)
+        self.load_by_address: dict[str, int] = {}  # the same, per client address
         self.served_requests = 0
         self.served_rows = 0
         # one compute thread per device: the event loop keeps parsing and validating meanwhile
@@ -75,6 +80,15 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.metrics = metrics
         if metrics is not None:
             self.batcher.on_batch = metrics.batch
+        self.budget = CallBudget.derive(
+            self.limits.max_rows,
+            experts.hidden_dim,
+            experts.dtype.itemsize,
+            len(experts.uids),
+            self.limits.max_message_bytes,
+            self.limits.request_memory,
+        )
+        self.gate = CallGate(self.budget.rpcs_per_address)
 
     def replace_experts(self, experts: ExpertBackend) -> None:
         """Serve another set of experts (after draining: nothing may be in flight)."""
@@ -88,13 +102,15 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self._hasher.shutdown(wait=True, cancel_futures=True)
 
     def admissible(
-        self, request: pb.ForwardRequest | None, deadline: float | None
-    ) -> tuple[steps.Segments, int, bytes]:
-        """(segments, rows, input bytes) of a request this peer can take now; RequestError otherwise."""
+        self, request: pb.ForwardRequest | None, deadline: float | None, address: str = ""
+    ) -> tuple[steps.Segments, int, bytes, Session | None]:
+        """(segments, rows, input bytes, session) of a request this peer can take now; RequestError
+        otherwise. The session is looked up first, the segment count bounded before any loop."""
         if request is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
         if self.state is not PeerState.ONLINE:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, self.state.refusal)
+        session = steps.lookup_session(request, self.access)
         segments, rows, data = steps.validate(request, self.experts, self.limits)
         if deadline is not None and time.monotonic() >= deadline:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
@@ -105,7 +121,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"overloaded: {self.load} rows queued, {rows} more exceed {self.limits.max_queue_rows}",
             )
-        return segments, rows, data
+        share = max(self.limits.max_queue_rows // ADDRESS_SHARE, self.limits.max_rows)  # one full request fits
+        if (mine := self.load_by_address.get(address, 0)) + rows > share:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this address holds {mine} rows queued or unsent; {rows} more exceed its share {share}",
+            )
+        return segments, rows, data, session
 
     def request_digest(self, header: bytes, plain: bytes) -> asyncio.Future[bytes]:
         """The receipt's request digest: a big one is hashed while the device computes (BLAKE3
@@ -129,21 +151,36 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         await self.experts.settle(compute_ms)
         return out, queue_ms, compute_ms
 
+    def admit(self, address: str, rows: int) -> None:
+        self.load += rows
+        self.load_by_address[address] = self.load_by_address.get(address, 0) + rows
+
+    def release(self, address: str, rows: int) -> None:
+        """Rows whose answer is written (or that failed): they leave the peer's load."""
+        self.load -= rows
+        left = self.load_by_address.get(address, 0) - rows
+        if left > 0:
+            self.load_by_address[address] = left
+        else:
+            self.load_by_address.pop(address, None)
+
     async def serve_request(
-        self, request: pb.ForwardRequest | None, client: str, deadline: float | None
+        self, request: pb.ForwardRequest | None, address: str, deadline: float | None, held: list[int] | None = None
     ) -> pb.ForwardResponse:
-        """One Forward, however it arrived; RequestError when refused. `client` names a plaintext
-        caller (rate limits); `deadline` is a time.monotonic() after which the answer is useless."""
+        """One Forward, however it arrived; RequestError when refused. `address` is the caller's
+        network address (rate limits); `deadline` is a time.monotonic() after which the answer is
+        useless. With `held`, an answered request's rows stay in the load, appended to `held`,
+        until the caller has written the answer and calls `release`."""
         admitted = 0
         started = time.perf_counter()
         segments: steps.Segments = []
         status = "CANCELLED"
         try:
-            segments, rows, data = self.admissible(request, deadline)
-            x, plain, header, session = steps.open_inputs(request, segments, data, client, self.access)
+            segments, rows, data, session = self.admissible(request, deadline, address)
+            x, plain, header = steps.open_inputs(request, segments, data, address, self.access, session)
             del data  # the sealed bytes: only the plaintext is needed from here
             admitted = rows
-            self.load += admitted
+            self.admit(address, admitted)
             digest = self.request_digest(header, plain)
             out, queue_ms, compute_ms = await self.compute(x, segments, deadline)
             if deadline is not None and time.monotonic() >= deadline:
@@ -154,6 +191,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             self.served_requests += 1
             self.served_rows += admitted
             status = "OK"
+            if held is not None:
+                held.append(admitted)
+                admitted = 0  # released by the caller once the answer is written
             return response
         except RequestError as e:
             status = e.code.name
@@ -165,7 +205,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             status = "INTERNAL"
             raise RequestError(grpc.StatusCode.INTERNAL, "internal error while computing experts") from e
         finally:
-            self.load -= admitted
+            self.release(address, admitted)
             self._observe(status, segments, started)
 
     def _observe(self, status: str, segments: steps.Segments, started: float) -> None:
@@ -178,7 +218,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
-            return await self.serve_request(request, context.peer(), deadline)
+            return await self.serve_request(request, client_address(context.peer()), deadline)
         except RequestError as e:
             await context.abort(e.code, str(e))
 
@@ -186,30 +226,40 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self, requests: AsyncIterator[pb.ForwardRequest | None], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ForwardResponse]:
         """Many Forwards on one stream, answered as they complete; refusals are answers too."""
-        stream = StreamHandler(self.serve_request, context.peer(), self.limits.max_stream_requests)
+        address = client_address(context.peer())
+        release = functools.partial(self.release, address)
+        stream = StreamHandler(self.serve_request, release, address, self.limits.max_stream_requests)
         async with contextlib.aclosing(stream.run(requests)) as replies:
             async for reply in replies:
                 yield reply
 
     async def OpenSession(self, request: pb.SessionHello, context: grpc.aio.ServicerContext) -> pb.SessionAccept:
+        """Cheap checks first (sizes, freshness, the client's key, allowlist, a used hello, the
+        address's hello rate), then the signature and the key exchange."""
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNPARSABLE)
         hello = envelope.Hello(
             request.client_identity, request.client_ephemeral, request.timestamp_ms, request.signature
         )
-        allow = self.access.allow_clients
+        access, address = self.access, client_address(context.peer())
         try:
-            if allow is not None and request.client_identity not in allow:
+            envelope.precheck_hello(hello)
+            if access.allow_clients is not None and request.client_identity not in access.allow_clients:
                 raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "this peer only serves allowlisted clients")
-            keys = envelope.accept_hello(self.access.identity, hello)
+            access.hellos.admit(hello.client_ephemeral, address)
+            keys = envelope.accept_hello(access.identity, hello)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EnvelopeError as e:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except HelloRefused as e:
+            code = grpc.StatusCode.UNAUTHENTICATED if e.replay else grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, str(e))
         except RequestError as e:
             await context.abort(e.code, str(e))
-        self.access.sessions.add(keys, request.client_identity)
-        return pb.SessionAccept(session_id=keys.session_id, ttl_s=int(self.access.sessions.ttl_s))
+        access.hellos.used(hello.client_ephemeral, hello.timestamp_ms)
+        access.sessions.add(keys, request.client_identity, address)
+        return pb.SessionAccept(session_id=keys.session_id, ttl_s=int(access.sessions.ttl_s))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         if request is None:

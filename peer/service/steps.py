@@ -23,10 +23,29 @@ from .settings import Access, ServiceLimits
 Segments = list[tuple[str, int]]
 
 
+def lookup_session(request: pb.ForwardRequest, access: Access) -> Session | None:
+    """The request's session (None for plaintext), looked up before anything else about it."""
+    if not request.session_id:
+        return None
+    session = access.sessions.get(request.session_id)
+    if session is None:
+        raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
+    return session
+
+
 def validate(request: pb.ForwardRequest, experts: ExpertBackend, limits: ServiceLimits) -> tuple[Segments, int, bytes]:
-    """(segments, rows, the input bytes): every cheap check before any crypto or compute."""
-    if not request.segments:
+    """(segments, rows, the input bytes): every cheap check before any crypto or compute.
+    The segment count is bounded before the segments are looked at: a valid request has at
+    most one segment per hosted expert, each of at least one row."""
+    count = len(request.segments)
+    if not count:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no segments")
+    if count > min(len(experts.slots), limits.max_rows):
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request has {count} segments; this peer hosts {len(experts.slots)} experts "
+            f"and takes <= {limits.max_rows} rows",
+        )
     segments = []
     for seg in request.segments:
         if seg.expert_uid not in experts.slots:
@@ -69,10 +88,10 @@ def _check_inputs(inp: pb.Tensor, rows: int, experts: ExpertBackend, limits: Ser
 
 
 def open_inputs(
-    request: pb.ForwardRequest, segments: Segments, data: bytes, client: str, access: Access
-) -> tuple[torch.Tensor, bytes, bytes, Session | None]:
-    """The plaintext inputs (as a tensor and as bytes), the request header they were bound
-    to, and the session. `client` names a plaintext caller for rate limits."""
+    request: pb.ForwardRequest, segments: Segments, data: bytes, address: str, access: Access, session: Session | None
+) -> tuple[torch.Tensor, bytes, bytes]:
+    """The plaintext inputs (as a tensor and as bytes) and the request header they were bound
+    to. `address` is the caller's network address (rate limits; it names plaintext callers)."""
     inp = request.inputs
     header = envelope.request_header(
         request.session_id,
@@ -84,17 +103,14 @@ def open_inputs(
         inp.dtype,
         inp.shape,
     )
-    session = None
-    if not request.session_id:
+    client: bytes | str = address
+    if session is None:
         if not access.allow_plaintext:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "this peer only takes sealed requests")
         if access.allow_clients is not None:
             raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "this peer only serves allowlisted clients")
         plaintext = data
     else:
-        session = access.sessions.get(request.session_id)
-        if session is None:
-            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
         try:
             envelope.check_fresh(request.timestamp_ms)
             plaintext = envelope.open_sealed(session.keys.to_peer, request.counter, data, header)
@@ -104,10 +120,12 @@ def open_inputs(
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "replayed or too old counter")
         client = session.client
     rows = sum(r for _, r in segments)
+    if access.address_limiter is not None and not access.address_limiter.allow(address, rows):
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit for this address exceeded")
     if access.rate_limiter is not None and not access.rate_limiter.allow(client, rows):
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit for this client exceeded")
     dtype = tensors.dtype_from_name(inp.dtype)
-    return tensors.from_bytes(plaintext, dtype, tuple(inp.shape)), plaintext, header, session
+    return tensors.from_bytes(plaintext, dtype, tuple(inp.shape)), plaintext, header
 
 
 def answer(

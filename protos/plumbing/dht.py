@@ -11,6 +11,8 @@ calls into a gRPC core whose threads exist only in the parent: the child spins f
 from just before the fork until the child has moved everything it inherited to the
 generation that is never collected (`gc.freeze()`); both processes then collect their own
 new garbage as usual.
+
+A DHT child and its p2pd die with the process that forked it (lifeline.py).
 """
 
 from __future__ import annotations
@@ -22,21 +24,29 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from .lifeline import children_die_with_this_process, watch_parent
+
 if TYPE_CHECKING:
     from hivemind import DHT
     from hivemind.dht.node import DHTNode
     from hivemind.utils.crypto import RSAPrivateKey
 
 # while a fork_safe_gc() block runs: whether its forked children turn the collector back on
-# once they have frozen what they inherited (None: not forking from such a block)
+# once they have frozen what they inherited (None: not forking from such a block), and the
+# forking process (its DHT children die with it: lifeline.py)
 _child_gc: bool | None = None
+_forking_pid = 0
 
 
 def _after_fork_in_child() -> None:
+    global _child_gc
     if _child_gc is not None:
         gc.freeze()
         if _child_gc:
             gc.enable()
+        _child_gc = None  # this child's own forks (p2pd's, before exec) are not DHT nodes
+        watch_parent(_forking_pid)
+        children_die_with_this_process()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -45,10 +55,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 @contextlib.contextmanager
 def fork_safe_gc() -> Iterator[None]:
     """Around code that forks (a hivemind DHT start) in a process that has used gRPC."""
-    global _child_gc
+    global _child_gc, _forking_pid
     enabled = gc.isenabled()
     gc.disable()  # also in the child until its at-fork hook has frozen what it inherited
-    _child_gc = enabled
+    _child_gc, _forking_pid = enabled, os.getpid()
     try:
         yield
     finally:

@@ -4,11 +4,22 @@ Every moe-swarm DHT node (bootstrap and peers) answers "can you reach host:port?
 a TCP connection to it; a starting peer asks the nodes it joined through before announcing
 its endpoint, so a NATed or mis-addressed peer is told what to fix instead of publishing a
 dead address. Handlers run inside the DHT process (hivemind's `run_coroutine`).
+
+The dial-back is not a port scanner for hire: a node dials only the address it sees the
+requester's libp2p connection come from (a host name must resolve to it), DIALS_PER_S per
+requesting address (bursts of DIAL_BURST) and DIAL_CONCURRENCY at once, and it answers
+yes or no with one of a few fixed reasons, never an error text of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
+import random
+import socket
+import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from protos import expert_service_pb2 as pb
@@ -19,22 +30,86 @@ if TYPE_CHECKING:
 
 HANDLER = "moe_swarm.v1.reachability"
 DIAL_TIMEOUT_S = 3.0
+DIALS_PER_S, DIAL_BURST = 1.0, 4.0  # per requesting address
+DIAL_CONCURRENCY = 8  # dials in progress on one node, all requesters together
+MAX_TRACKED = 4096  # requesting addresses whose budget is remembered
+BUSY_RETRIES = 30  # a starting peer told BUSY asks again, about once a second
+NOT_YOURS = "this node dials only the address it sees you at"
+BUSY = "too many reachability checks; retry later"
+MALFORMED = "malformed endpoint"
+CLOSED = "no connection"
+_buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # requesting address -> (tokens, at)
+_dials = asyncio.Semaphore(DIAL_CONCURRENCY)
 
 
-async def _dial(request: pb.ReachabilityRequest, context: object) -> pb.ReachabilityReply:
-    host, _, port = request.endpoint.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return pb.ReachabilityReply(reachable=False, detail=f"malformed endpoint {request.endpoint!r}")
+async def _observed_host(p2p: object, peer_id: object) -> str | None:
+    """The IP address the requester's connection to this node comes from."""
+    for info in await p2p.list_peers():  # the daemon's connections, with their remote addresses
+        if info.peer_id == peer_id:
+            for addr in info.addrs:
+                parts = str(addr).split("/")
+                if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+                    return parts[2]
+    return None
+
+
+async def _resolves_to(host: str, observed: str) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), DIAL_TIMEOUT_S)
-    except (OSError, TimeoutError) as e:
-        return pb.ReachabilityReply(reachable=False, detail=f"{type(e).__name__}: {e}".strip(": "))
-    writer.close()
-    return pb.ReachabilityReply(reachable=True)
+        return ipaddress.ip_address(host) == ipaddress.ip_address(observed)
+    except ValueError:  # a host name: it must resolve to the observed address
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError:
+            return False
+        return any(ipaddress.ip_address(i[4][0]) == ipaddress.ip_address(observed) for i in infos)
+
+
+def _other_ip(host: str, observed: str) -> bool:
+    try:
+        return ipaddress.ip_address(host) != ipaddress.ip_address(observed)
+    except ValueError:
+        return False  # a host name: resolved once the rate allows
+
+
+def _may_dial(observed: str) -> bool:
+    """A token bucket per requesting address: DIALS_PER_S, bursts of DIAL_BURST (several peers
+    behind one address start at once)."""
+    now = time.monotonic()
+    tokens, at = _buckets.pop(observed, (DIAL_BURST, now))
+    tokens = min(DIAL_BURST, tokens + (now - at) * DIALS_PER_S)
+    ok = tokens >= 1
+    _buckets[observed] = (tokens - 1 if ok else tokens, now)
+    while len(_buckets) > MAX_TRACKED:
+        _buckets.popitem(last=False)
+    return ok
+
+
+async def _dial(p2p: object, request: pb.ReachabilityRequest, context: object) -> pb.ReachabilityReply:
+    host, _, port = request.endpoint.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return pb.ReachabilityReply(reachable=False, detail=MALFORMED)
+    if _dials.locked():
+        return pb.ReachabilityReply(reachable=False, detail=BUSY)
+    async with _dials:
+        observed = await _observed_host(p2p, context.remote_id)
+        if observed is None or _other_ip(host, observed):  # refused without cost: no rate charged
+            return pb.ReachabilityReply(reachable=False, detail=NOT_YOURS)
+        if not _may_dial(observed):
+            return pb.ReachabilityReply(reachable=False, detail=BUSY)
+        if not await _resolves_to(host, observed):
+            return pb.ReachabilityReply(reachable=False, detail=NOT_YOURS)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(observed, int(port)), DIAL_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            return pb.ReachabilityReply(reachable=False, detail=CLOSED)
+        writer.close()
+        return pb.ReachabilityReply(reachable=True)
 
 
 async def _register(dht: DHT, node: DHTNode) -> None:
-    await node.protocol.p2p.add_protobuf_handler(HANDLER, _dial, pb.ReachabilityRequest)
+    p2p = node.protocol.p2p
+    await p2p.add_protobuf_handler(HANDLER, functools.partial(_dial, p2p), pb.ReachabilityRequest)
 
 
 def serve_dial_back(dht: DHT) -> None:
@@ -57,8 +132,6 @@ async def _ask(dht: DHT, node: DHTNode, peer_id: str, endpoint: str) -> tuple[bo
 async def check_reachable(dht: DHT, initial_peers: list[str], endpoint: str) -> tuple[bool | None, str]:
     """(True, "") when a node we joined through reached `endpoint`; (False, why) when one tried
     and failed; (None, why) when no node could be asked (first node of a swarm, old nodes)."""
-    import functools
-
     errors = []
     for maddr in initial_peers:
         peer_id = maddr.rsplit("/p2p/", 1)[-1] if "/p2p/" in maddr else None
@@ -66,7 +139,12 @@ async def check_reachable(dht: DHT, initial_peers: list[str], endpoint: str) -> 
             continue
         try:
             ask = functools.partial(_ask, peer_id=peer_id, endpoint=endpoint)
-            return await dht.run_coroutine(ask, return_future=True)
+            for _ in range(BUSY_RETRIES):  # peers starting together behind one address take turns
+                reachable, detail = await dht.run_coroutine(ask, return_future=True)
+                if detail != BUSY:
+                    break
+                await asyncio.sleep(random.uniform(0.5, 1.5) / DIALS_PER_S)
+            return reachable, detail
         except Exception as e:  # that node cannot answer: try the next
             errors.append(f"{peer_id[-8:]}: {type(e).__name__}")
     return None, "; ".join(errors) or "no initial peers to ask"

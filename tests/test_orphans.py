@@ -1,0 +1,46 @@
+"""A peer or bootstrap node killed with SIGKILL (what the OOM killer does) leaves nothing
+behind: its forked DHT process, that process's p2pd and torch_shm_manager die with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+
+from coordinator.sim.local_swarm import LocalSwarm
+
+GRACE_S = 10.0  # the DHT child notices within a fraction of a second; p2pd follows at once
+
+
+def survivors(procs: list[psutil.Process]) -> list[str]:
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{p.pid} {p.name()}")  # name cached when listed
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def kill_leader_and_wait(pid: int) -> tuple[list[str], list[str]]:
+    """SIGKILL only the leader (not its group); (its descendants before, those still alive after)."""
+    descendants = psutil.Process(pid).children(recursive=True)
+    names = [p.name() for p in descendants]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + GRACE_S
+    while survivors(descendants) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return names, survivors(descendants)
+
+
+def test_sigkilled_peer_and_bootstrap_leave_no_descendants(tmp_path, tiny_checkpoint):
+    with LocalSwarm(tmp_path / "swarm") as swarm:
+        bootstrap = swarm.start_bootstrap()
+        peer = swarm.start_peer("victim", "--checkpoint", str(tiny_checkpoint), "--experts", "0:0", "--threads", "1")
+        for proc in (peer, bootstrap):
+            names, alive = kill_leader_and_wait(proc.pid)
+            assert "p2pd" in names and "python" in names  # the DHT child and its daemon were there
+            assert not alive, f"{proc.name} left {alive}"
