@@ -71,9 +71,9 @@ class Planner:
         return self.health.get(peer).answered > 0 or self.trust.history(peer) > 0
 
     def usable(self, uid: str) -> bool:
-        """Some replica of `uid` is neither banned nor known to be unreachable."""
+        """Some replica of `uid` is not banned and has shown it answers (a probe or a call)."""
         return any(
-            not self.health.banned(r.peer_id) and self.health.get(r.peer_id).reachable is not False
+            not self.health.banned(r.peer_id) and (self.health.get(r.peer_id).reachable or self.proven(r.peer_id))
             for r in self.swarm.replicas(uid)
         )
 

@@ -78,6 +78,7 @@ class SpotChecks:
         self.health, self.stats, self.trust, self.receipts = health, stats, trust, receipts
         self.referee = referee
         self.local = True  # whether loopback/private hosts may be distinct operators (set by the dispatcher)
+        self.convicted: set[str] = set()  # peers this dispatcher proved wrong (one ban each in the counts)
 
     def rate(self, peer: str) -> float:
         return max(self.fraction, 1.0 / (1 + self.trust.history(peer)))
@@ -98,8 +99,9 @@ class SpotChecks:
                 self.trust.agreed(second.proofs[e].peer_id)
             else:
                 disputed.append(e)
-        for e in disputed:
-            await self.settle(e, first, [(answers[e], proofs[e]), (second.answers[e], second.proofs[e])])
+        await asyncio.gather(
+            *(self.settle(e, first, [(answers[e], proofs[e]), (second.answers[e], second.proofs[e])]) for e in disputed)
+        )
 
     def others_of(self, first: LayerCall, e: int, proofs: list[Proof]) -> set[str]:
         """Peers that must not check expert `e`: those in `proofs` and any replica one of their operators may run."""
@@ -164,10 +166,13 @@ class SpotChecks:
         witness = right[1].evidence() if right[1] is not None else {"recomputed_by": "coordinator"}
         for _, proof in wrong:
             evidence = {"expert": uid, "wrong": proof.evidence(), "agreeing": [witness]}
+            first_time = proof.peer_id not in self.convicted
+            self.convicted.add(proof.peer_id)
             self.health.ban(proof.peer_id, CHEATER_BAN_S)
             self.trust.convict(proof.peer_id, CHEATER_BAN_S, evidence)
-            self.stats.record_cheater(evidence)
-            log.warning("peer %s returned a wrong output for %s; banned for %.0fs", proof.peer_id, uid, CHEATER_BAN_S)
+            self.stats.record_cheater(evidence, first_time)
+            if first_time:
+                log.warning("peer %s returned a wrong output for %s; banned %.0fs", proof.peer_id, uid, CHEATER_BAN_S)
 
     def _receipt_ok(self, proof: Proof) -> bool:
         """A disputed answer's receipt is checked at once: it may become evidence."""

@@ -21,6 +21,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+MAX_EVIDENCE_KEPT = 64  # convictions whose evidence stays in memory (the trust store keeps its own files)
+
+
 @dataclass
 class DispatchStats:
     """Counters over the life of a dispatcher; every routed (token, slot) is counted."""
@@ -96,10 +99,13 @@ class DispatchStats:
     def record_nonfinite(self) -> None:
         self.nonfinite += 1
 
-    def record_cheater(self, evidence: dict) -> None:
-        self.bans += 1
-        self.cheaters_banned += 1
-        self.evidence.append(evidence)
+    def record_cheater(self, evidence: dict, new_peer: bool = True) -> None:
+        """A proven-wrong answer; `new_peer`: its peer was not convicted before (one ban per peer)."""
+        if new_peer:
+            self.bans += 1
+            self.cheaters_banned += 1
+        if len(self.evidence) < MAX_EVIDENCE_KEPT:
+            self.evidence.append(evidence)
 
     def record_layer(self, layer: int, routed: int, rerouted: int, dropped: int, ms: float) -> None:
         """A finished layer call: every routed (token, slot) is exact, rerouted or dropped."""

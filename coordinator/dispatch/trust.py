@@ -46,6 +46,7 @@ class TrustStore:
         self.path = path
         self.clock = clock
         self.peers: dict[str, PeerTrust] = {}
+        self.changed = False  # since the last save
         if path is not None:
             self._load(path)
 
@@ -75,22 +76,27 @@ class TrustStore:
     # ---- recording ------------------------------------------------------------------------
     def agreed(self, peer: str) -> None:
         self.peers.setdefault(peer, PeerTrust()).agreed += 1
+        self.changed = True
 
     def disputed(self, peer: str) -> None:
         self.peers.setdefault(peer, PeerTrust()).disputed += 1
+        self.changed = True
 
     def convict(self, peer: str, ban_s: float, evidence: dict) -> None:
         """A proven-wrong answer: ban `peer`, keep the evidence, write the store now."""
         entry = self.peers.setdefault(peer, PeerTrust())
         entry.convicted += 1
         entry.banned_until = max(entry.banned_until, self.clock() + ban_s)
+        self.changed = True
         if self.path is not None:
             self._write_evidence(peer, evidence)
         self.save()
 
     def save(self) -> None:
-        if self.path is None:
+        """Write the store if anything changed (bans at once, histories when the client closes)."""
+        if self.path is None or not self.changed:
             return
+        self.changed = False
         now = self.clock()
         ranked = sorted(self.peers.items(), key=lambda kv: (kv[1].banned_until <= now, -kv[1].agreed))
         self.peers = dict(ranked[:MAX_PEERS])

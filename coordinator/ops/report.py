@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.dispatch.stats import DispatchStats, percentile
+from coordinator.ops.console import safe_text
 
 
 def peers_table(
@@ -19,7 +20,7 @@ def peers_table(
     for peer_id in sorted(stats.rpcs_by_peer, key=lambda p: names.get(p, p)):
         table.add_row(
             names.get(peer_id, peer_id[-12:]),
-            stats.endpoints.get(peer_id, "?"),
+            safe_text(stats.endpoints.get(peer_id, "?")),
             hosted.get(peer_id, "?"),
             str(stats.rpcs_by_peer[peer_id]),
             str(stats.rows_by_peer[peer_id]),
@@ -47,7 +48,10 @@ def counts_line(stats: DispatchStats) -> str:
         f"{stats.dropped} dropped; {stats.retries} retries, {stats.hedges} hedges, {stats.bans} bans "
         f"({stats.cheaters_banned} proven cheaters, {stats.bad_receipts} bad receipts), "
         f"{stats.refusals} overload refusals, {stats.leaving} answers of leaving peers; "
-        f"spot checks: {stats.spot_checks} experts recomputed, {stats.spot_unresolved} disputes unresolved"
+        f"spot checks: {stats.spot_checks} experts recomputed, {stats.spot_unresolved} disputes unresolved "
+        f"(their answers not used), {stats.spot_resolved_locally} settled by recomputing locally, "
+        f"{stats.spot_unverified} with no independent replica to check; {stats.nonfinite} non-finite answers; "
+        f"{stats.banned_at_start} peers still banned from earlier runs"
     )
 
 
