@@ -43,6 +43,7 @@ class LayerCall:
         "answers",
         "deadline",
         "dispatcher",
+        "disputed",
         "dtype",
         "health",
         "hedged",
@@ -86,6 +87,7 @@ class LayerCall:
         self.sent_at: dict[asyncio.Task, float] = {}
         self.hedged: set[asyncio.Task] = set()
         self.unplaced: set[int] = set()  # experts that had no replica to go to
+        self.disputed: set[int] = set()  # experts whose answers a spot check could not settle (not used)
         self.looked_again = verifier
         self.verifier = verifier
         self.newcomers: set[str] = set()  # never-answered peers this call sent work to (capped)

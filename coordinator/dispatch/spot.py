@@ -137,6 +137,7 @@ class SpotChecks:
             self.trust.disputed(proof.peer_id)
         first.answers.pop(e, None)
         first.proofs.pop(e, None)
+        first.disputed.add(e)
         log.warning("spot check of %s unresolved (%s); its answer is not used", first.uids[e], [len(s) for s in sides])
 
     def _sides(self, votes: list[tuple[torch.Tensor, Proof]]) -> list[list[tuple[torch.Tensor, Proof]]]:
