@@ -154,3 +154,15 @@ def test_trust_store_keeps_bans_and_history_across_runs_within_bounds(tmp_path):
     assert len(json.loads(path.read_text())["peers"]) == MAX_PEERS and "cheater" in again.peers
     path.write_text("{not json")
     assert TrustStore(path).peers == {}  # unreadable: a warning, a clean start
+
+
+def test_simulation_plans_cheaters_without_changing_the_other_draws():
+    from coordinator.sim.schedule import CHEAT_SCALE, plan_peers
+
+    base = plan_peers(8, 8, 2, seed=5, slow_fraction=0.25, slowdown=3, latency_ms=20)
+    with_cheaters = plan_peers(8, 8, 2, seed=5, slow_fraction=0.25, slowdown=3, latency_ms=20, cheaters=2)
+    assert sum(p.impairment.get("sim-corrupt") == CHEAT_SCALE for p in with_cheaters) == 2
+    for a, b in zip(base, with_cheaters, strict=True):
+        assert {k: v for k, v in b.impairment.items() if k != "sim-corrupt"} == a.impairment
+    with pytest.raises(ValueError):
+        plan_peers(2, 8, 1, seed=0, cheaters=3)
