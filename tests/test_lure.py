@@ -120,3 +120,24 @@ def test_junk_records_cost_a_fresh_coordinator_a_bounded_time(swarm, ckpt, hones
     assert set(stats.rpcs_by_peer) == {honest}  # no real work went to a junk identity
     assert stats.exact == stats.routed and stats.retries == 0
     assert not reachable and unreachable == junk_ids  # each probed in the background, and found out
+
+
+def test_non_finite_answers_are_refused_and_the_work_goes_elsewhere(swarm, ckpt, honest):
+    uids = toy_model.read_manifest(ckpt).uids()[: TINY.num_experts]
+    args = ["--checkpoint", str(ckpt), "--experts", "0:*", "--threads", "1", "--sim-corrupt", "inf"]
+    proc = swarm.start_peer("lure-nan", *args)
+    broken = proc.info["peer_id"]
+    try:
+        with SwarmClient(swarm.initial_peers, uids, timeout=DEADLINE_S, fallback="error") as client:
+            health = client.dispatcher.health
+            health.get(broken).observe(0.1)  # it looks fast and proven: it is asked first
+            health.get(honest).observe(1000.0)
+            client.wait_for_experts(timeout=30)
+            x = torch.randn(8, H, generator=torch.Generator().manual_seed(1))
+            result = client.dispatch(x, torch.tensor([[0, 1]] * 8), uids, torch.float32)
+            stats = client.dispatcher.stats
+            banned = health.banned(broken)
+    finally:
+        swarm.stop(proc)
+    assert result.complete and bool(torch.isfinite(result.outputs).all())
+    assert stats.nonfinite >= 1 and banned and set(stats.rpcs_by_peer) == {honest}
