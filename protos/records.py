@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from .endpoints import parse_endpoint
 from .envelope import PUBLIC_KEY_LEN, SIGNATURE_LEN, fingerprint, kx_statement, verify
-from .limits import MAX_ENDPOINT_LEN
 from .reach import Reach
 
 if TYPE_CHECKING:
@@ -45,6 +45,17 @@ class PeerState(StrEnum):
 
 NOT_SERVING = "peer is not serving"
 OPTIONAL_FIELDS = frozenset({"reach"})
+
+
+MAX_TEXT_LEN = 64  # a record's free-text fields (device, version)
+
+
+def check_text(name: str, value: object) -> None:
+    """A record's free-text field: printable characters only (no escape sequences, newlines or
+    other control characters), at most MAX_TEXT_LEN of them; ValueError otherwise. Printable
+    text can still hold markup ("[/]"): whoever shows it escapes it as well."""
+    if not isinstance(value, str) or len(value) > MAX_TEXT_LEN or not value.isprintable():
+        raise ValueError(f"bad {name} {value!r}: printable text of at most {MAX_TEXT_LEN} characters")
 
 
 def expert_uid(model_id: str, layer: int, expert: int) -> str:
@@ -114,16 +125,14 @@ class PeerRecord:
         if set(raw) - OPTIONAL_FIELDS != expected:
             raise ValueError(f"peer record fields {sorted(raw)} != {sorted(expected)}")
         endpoint = raw["endpoint"]
-        if not isinstance(endpoint, str) or not 0 < len(endpoint) <= MAX_ENDPOINT_LEN or ":" not in endpoint:
-            raise ValueError(f"bad endpoint {endpoint!r}")
+        parse_endpoint(endpoint)
         load, throughput = raw["load"], raw["throughput"]
         if not isinstance(load, int) or load < 0:
             raise ValueError(f"bad load {load!r}")
         if not isinstance(throughput, int | float) or throughput < 0:
             raise ValueError(f"bad throughput {throughput!r}")
         for name in ("device", "version"):
-            if not isinstance(raw[name], str) or len(raw[name]) > 64:
-                raise ValueError(f"bad {name} {raw[name]!r}")
+            check_text(name, raw[name])
         for name, size in (("identity", PUBLIC_KEY_LEN), ("kx", PUBLIC_KEY_LEN), ("kx_sig", SIGNATURE_LEN)):
             if not isinstance(raw[name], bytes) or len(raw[name]) != size:
                 raise ValueError(f"{name} must be {size} bytes")

@@ -69,6 +69,7 @@ def _liar_scenario() -> dict[str, object]:
             # plaintext: the signature is the only proof of origin, so the call fails and is retried
             d = Dispatcher(View([liar_replica, honest_replica]), channels, 10, hedge=False)
             d.health.get(honest_replica.peer_id).observe(1000.0)  # the liar looks faster: tried first
+            d.health.get(liar_replica.peer_id).observe(1.0)  # (and has answered before, as the honest one)
             result = await d.dispatch(x, experts, uids, torch.float32)
             seen["plain_equal"] = torch.equal(result.outputs, reference.outputs)
             seen["plain_banned"] = d.health.banned(liar_replica.peer_id)

@@ -1,4 +1,5 @@
-"""`moe-swarm bench security`: one layer call sealed + signed vs plaintext, against the same peer."""
+"""`moe-swarm bench security`: one layer call sealed + signed vs plaintext, against the same peer;
+and the cost of the default spot-check rate (layer calls with it vs without, two replicas)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from coordinator.bench.harness import report, toy_swarm
+from coordinator.bench.harness import BenchSwarm, report, toy_swarm
 from coordinator.bench.timing import summary, time_calls
 from coordinator.client import SwarmClient
+from coordinator.dispatch.spot import DEFAULT_SPOT_CHECK
 from protos import tensors
 from protos.toy_model import ToyConfig
 
@@ -25,6 +27,9 @@ def add_security_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 1], help="tokens per layer call (k=2)")
     p.add_argument("--repeats", type=int, default=40, help="timed calls per configuration")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--spot-tokens", type=int, default=64, help="tokens per layer call of the spot-check cost run (0: skip it)"
+    )
     p.add_argument("--json", type=Path, default=None)
 
 
@@ -55,16 +60,54 @@ def run_security_bench(args: argparse.Namespace) -> dict:
                     "overhead_ms": s["median_ms"] - p["median_ms"],
                     "overhead_pct": 100 * (s["median_ms"] / p["median_ms"] - 1),
                 }
+        if args.spot_tokens:
+            results["spot_check"] = _spot_check_cost(bench, args, dtype)
     return report(results, args.json)
 
 
+def _spot_check_cost(bench: BenchSwarm, args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Layer calls with the default spot-check rate vs none, both sealed, against two replicas of
+    every expert (one more peer), alternating. Includes the first calls, where peers without a
+    verified history are checked more often: the cost of a coordinator's first minute."""
+    bench.swarm.start_peer("peer1", bench.model_flag, str(bench.ckpt), "--experts", "*")
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(args.spot_tokens, args.hidden, generator=gen).to(dtype)
+    experts = torch.stack([torch.randperm(args.experts, generator=gen)[:2] for _ in range(args.spot_tokens)])
+    with (
+        bench.client(hedge=False, spot_check=DEFAULT_SPOT_CHECK) as checked,
+        bench.client(hedge=False, spot_check=0.0) as unchecked,
+    ):
+        checked.wait_for_experts()
+        unchecked.wait_for_experts()
+        times = _alternate(checked, unchecked, x, experts, bench.uids, args.repeats, ("checked", "unchecked"))
+        stats = checked.dispatcher.stats
+    c, u = summary(times["checked"]), summary(times["unchecked"])
+    answered = len(set(experts.reshape(-1).tolist())) * stats.layer_calls  # experts answered in all calls
+    return {
+        "rate": DEFAULT_SPOT_CHECK,
+        "tokens": args.spot_tokens,
+        "checked": c,
+        "unchecked": u,
+        "mean_overhead_pct": 100 * (statistics.fmean(times["checked"]) / statistics.fmean(times["unchecked"]) - 1),
+        "median_overhead_pct": 100 * (c["median_ms"] / u["median_ms"] - 1),
+        "experts_recomputed_pct": 100 * stats.spot_checks / max(answered, 1),
+        "disputes": stats.spot_unresolved + stats.cheaters_banned,
+    }
+
+
 def _alternate(
-    sealed: SwarmClient, plain: SwarmClient, x: torch.Tensor, experts: torch.Tensor, uids: list[str], repeats: int
+    a: SwarmClient,
+    b: SwarmClient,
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    uids: list[str],
+    repeats: int,
+    names: tuple[str, str] = ("sealed", "plaintext"),
 ) -> dict[str, list[float]]:
     """Milliseconds of `repeats` calls of each client, one of each in turn, after the warm-up calls."""
-    times: dict[str, list[float]] = {"sealed": [], "plaintext": []}
+    times: dict[str, list[float]] = {names[0]: [], names[1]: []}
     for i in range(repeats + WARMUP_CALLS):
-        for name, client in (("sealed", sealed), ("plaintext", plain)):
+        for name, client in zip(names, (a, b), strict=True):
             start = time.perf_counter()
             client.dispatch(x, experts, uids, x.dtype)
             if i >= WARMUP_CALLS:

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from coordinator.client import SwarmClient
-from coordinator.dispatch import layer_call
+from coordinator.dispatch import layer_call, trust
 from coordinator.dispatch.dispatcher import FALLBACK_POLICIES
+from coordinator.dispatch.spot import DEFAULT_SPOT_CHECK
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.ops.console import console as make_console
 from coordinator.ops.report import print_swarm_summary
@@ -58,8 +59,15 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--spot-check",
         type=float,
-        default=0.0,
-        help="fraction of expert calls recomputed on a second replica to catch wrong results (0-1)",
+        default=DEFAULT_SPOT_CHECK,
+        help="base fraction of expert answers recomputed on another replica to catch wrong results (0-1; peers "
+        "without a verified history are checked more); 0 turns checks off",
+    )
+    p.add_argument(
+        "--trust-store",
+        type=Path,
+        default=trust.default_path(),
+        help="file keeping bans of proven cheaters and peers' verified history across runs",
     )
     p.add_argument(
         "--key-file", type=Path, default=None, help="this coordinator's identity (for private swarms' allowlists)"
@@ -126,6 +134,7 @@ def run_generate(args: argparse.Namespace) -> int:
         identity=identity,
         spot_check=args.spot_check,
         metrics_port=args.metrics_port,
+        trust_store=args.trust_store,
     ) as client:
         console.print(f"model {info.manifest.model_id}: waiting for {len(info.uids)} experts in the swarm")
         wait_for_coverage(client, args, console)

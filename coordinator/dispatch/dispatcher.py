@@ -27,6 +27,7 @@ from coordinator.dispatch.fallback import FALLBACK_POLICIES, ScoresFn, reroute, 
 from coordinator.dispatch.health import HealthCache
 from coordinator.dispatch.layer_call import LayerCall
 from coordinator.dispatch.plan import PeerCall, Planner, group_by_expert
+from coordinator.dispatch.referee import Referee
 from coordinator.dispatch.result import (
     DispatchError,
     DispatchResult,
@@ -34,10 +35,12 @@ from coordinator.dispatch.result import (
     RemoteExpertError,
     scatter,
 )
+from coordinator.dispatch.spot import SpotChecks
 from coordinator.dispatch.stats import DispatchStats
 from coordinator.dispatch.swarm import Replica, SwarmView
 from coordinator.dispatch.transport import Channels, Sessions
-from coordinator.dispatch.verify import DeferredReceipts, SpotChecks
+from coordinator.dispatch.trust import TrustStore
+from coordinator.dispatch.verify import DeferredReceipts
 from protos.records import parse_expert_uid
 
 __all__ = [
@@ -70,7 +73,14 @@ class Dispatcher:
         spot_check: float = 0.0,
         spot_tolerance: float | None = None,
         seed: int | None = None,
+        trust: TrustStore | None = None,
+        referee: Referee | None = None,
+        local: bool = True,
     ) -> None:
+        """`trust`: bans and verified histories kept across runs (in memory without one);
+        `referee`: recomputes experts the coordinator holds, to settle spot-check disputes;
+        `local`: the swarm runs on loopback/private addresses (distinct ports there may be
+        distinct operators; in a public swarm a shared host means a shared operator)."""
         if fallback not in FALLBACK_POLICIES:
             raise ValueError(f"fallback must be one of {FALLBACK_POLICIES}, got {fallback!r}")
         if not 0.0 <= spot_check <= 1.0:
@@ -86,13 +96,19 @@ class Dispatcher:
         self.sessions = sessions  # None: plaintext requests (peers must run --allow-plaintext)
         self.spot_check = spot_check
         self.stats = DispatchStats()
+        self.trust = trust or TrustStore()
+        for peer, seconds in self.trust.bans().items():  # a cheater does not start clean every run
+            self.health.ban(peer, seconds)
+            self.stats.banned_at_start += 1
         rng = random.Random(seed)  # one generator: replica choice and spot sampling draw from it in turn
-        self.planner = Planner(swarm, self.health, rng)
-        self.spot = SpotChecks(spot_check, spot_tolerance, rng, self.health, self.stats)
+        self.planner = Planner(swarm, self.health, rng, self.trust)
         self.receipts = DeferredReceipts(self.health, self.stats)
-        # with sessions and no spot checks a receipt is evidence only, checked after the call
-        defer = sessions is not None and spot_check == 0
-        self.exchange = Exchange(channels, sessions, self.stats, self.receipts, defer)
+        self.spot = SpotChecks(
+            spot_check, spot_tolerance, rng, self.health, self.stats, self.trust, self.receipts, referee
+        )
+        self.spot.local = local
+        # with sessions a receipt is evidence only: checked after the call, or at once when disputed
+        self.exchange = Exchange(channels, sessions, self.stats, self.receipts, sessions is not None)
 
     def choose(self, uid: str, already: dict[str, PeerCall], exclude: set[str] = frozenset()) -> Replica | None:
         return self.planner.choose(uid, already, exclude)

@@ -16,7 +16,7 @@ from coordinator.dispatch.relayed import relay_dropped
 from coordinator.dispatch.result import RemoteExpertError
 from coordinator.dispatch.stats import DispatchStats
 from coordinator.dispatch.transport import Channels, Sessions
-from coordinator.dispatch.verify import DeferredReceipts, Receipt, Unchecked, check_receipt
+from coordinator.dispatch.verify import DeferredReceipts, Proof
 from protos import envelope, tensors
 from protos.envelope import EnvelopeError
 
@@ -27,7 +27,7 @@ UNKNOWN_SESSION = "unknown or expired session"  # the peer's words when it does 
 class Answer:
     out: torch.Tensor
     ms: float
-    receipt: Receipt | None  # None: checked after the layer call returns (see Exchange._send)
+    proof: Proof  # its receipt and what that commits to (checked before use or after the call, see _send)
 
 
 class Exchange:
@@ -115,12 +115,16 @@ class Exchange:
         ms = (time.perf_counter() - started) * 1e3
         out, plain = sealed.open_payload(sent, response)
         self.stats.record_peer_compute(response.compute_ms)
+        if not bool(torch.isfinite(out).all()):  # NaN or inf: wrong whatever the receipt says
+            self.stats.record_nonfinite()
+            raise EnvelopeError("answered with non-finite values (NaN or inf)")
+        proof = Proof(replica, sent, response, plain)
         if self.defer_receipts:
             # the session already proved who answered (only that peer holds its keys); the
-            # receipt is evidence for later disputes, and its check (an output digest and a
-            # signature verification) is kept off the layer call's critical path
-            self.receipts.add(Unchecked(replica, sent, response, plain))
-            return Answer(out, ms, None)
-        # plaintext (the signature is the only proof of origin) or spot checks (receipts may
-        # become evidence): checked before the answer is used; a bad one fails the call
-        return Answer(out, ms, check_receipt(replica, sent, response, plain))
+            # receipt is evidence for disputes (a spot check that disagrees verifies it at
+            # once), and its routine check (an output digest and a signature verification)
+            # is kept off the layer call's critical path
+            self.receipts.add(proof)
+        else:  # plaintext: the signature is the only proof of origin; a bad one fails the call
+            proof.receipt()
+        return Answer(out, ms, proof)

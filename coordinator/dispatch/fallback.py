@@ -20,7 +20,12 @@ ScoresFn = Callable[[], torch.Tensor] | None
 
 def unavailable(missing: list[int], first: LayerCall, timeout: float) -> ExpertUnavailableError:
     """The error for the `error` policy: each missing expert and the peers tried for it."""
-    detail = "; ".join(f"{first.uids[e]} (peers tried: {sorted(first.tried[e]) or 'none live'})" for e in missing)
+    def why(e: int) -> str:
+        if e in first.disputed:
+            return "replicas disagreed and nothing settled which is right"
+        return f"peers tried: {sorted(first.tried[e]) or 'none live'}"
+
+    detail = "; ".join(f"{first.uids[e]} ({why(e)})" for e in missing)
     return ExpertUnavailableError(f"no replica answered within the {timeout:g}s deadline for: {detail}")
 
 

@@ -27,13 +27,20 @@ class PeerHealth:
     failures: int = 0  # consecutive
     banned_until: float = 0.0
     inflight_rows: int = 0  # sent by us and not answered yet
+    answered: int = 0  # Forward calls it answered (a peer with none is untried)
+    reachable: bool | None = None  # what the last probe found (None: not probed yet)
+    rows_per_s: float = 0.0  # the best throughput seen in its answers (rows / round trip)
     _p95_ms: float | None = None  # of recent_ms, computed when first asked after a change
 
-    def observe(self, ms: float) -> None:
+    def observe(self, ms: float, rows: int = 0) -> None:
         self._ewma(ms)
         self.recent_ms.append(ms)
         self._p95_ms = None
         self.failures = 0
+        self.answered += 1
+        self.reachable = True
+        if rows and ms > 0:
+            self.rows_per_s = max(self.rows_per_s, rows * 1e3 / ms)
 
     def p95_ms(self) -> float:
         if self._p95_ms is None:

@@ -23,7 +23,7 @@ from coordinator.dispatch.exchange import Answer
 from coordinator.dispatch.health import PeerHealth
 from coordinator.dispatch.plan import PeerCall
 from coordinator.dispatch.result import RemoteExpertError
-from coordinator.dispatch.verify import Receipt
+from coordinator.dispatch.verify import Proof
 
 if TYPE_CHECKING:
     from coordinator.dispatch.dispatcher import Dispatcher
@@ -43,18 +43,21 @@ class LayerCall:
         "answers",
         "deadline",
         "dispatcher",
+        "disputed",
         "dtype",
         "health",
         "hedged",
         "inflight",
         "looked_again",
         "loop",
-        "receipts",
+        "newcomers",
+        "proofs",
         "sent_at",
         "stats",
         "tried",
         "uids",
         "unplaced",
+        "verifier",
         "work",
         "x",
     )
@@ -67,21 +70,27 @@ class LayerCall:
         uids: list[str],
         dtype: torch.dtype,
         exclude: dict[int, set[str]] | None = None,
+        verifier: bool = False,
     ) -> None:
-        """`work`: expert -> its slot-major positions; no expert goes to a peer in `exclude[expert]`."""
+        """`work`: expert -> its slot-major positions; no expert goes to a peer in `exclude[expert]`.
+        A `verifier` round (a spot check) prefers peers with a verified history and does not
+        re-read the DHT when an expert has no other replica."""
         self.dispatcher = dispatcher
         self.work, self.x, self.uids, self.dtype = work, x, uids, dtype
         self.health, self.stats = dispatcher.health, dispatcher.stats
         self.loop = asyncio.get_running_loop()
         self.deadline = self.loop.time() + dispatcher.timeout
         self.answers: dict[int, torch.Tensor] = {}
-        self.receipts: dict[int, Receipt | None] = {}  # who answered each expert (None: checked later)
+        self.proofs: dict[int, Proof] = {}  # who answered each expert, and the receipt of its call
         self.tried: dict[int, set[str]] = defaultdict(set, {e: set(p) for e, p in (exclude or {}).items()})
         self.inflight: dict[asyncio.Task, PeerCall] = {}
         self.sent_at: dict[asyncio.Task, float] = {}
         self.hedged: set[asyncio.Task] = set()
         self.unplaced: set[int] = set()  # experts that had no replica to go to
-        self.looked_again = False
+        self.disputed: set[int] = set()  # experts whose answers a spot check could not settle (not used)
+        self.looked_again = verifier
+        self.verifier = verifier
+        self.newcomers: set[str] = set()  # never-answered peers this call sent work to (capped)
 
     async def run(self) -> None:
         self.launch(list(self.work))
@@ -101,9 +110,11 @@ class LayerCall:
             if self.inflight:
                 await self.abandon_inflight()
 
-    async def round(self, work: dict[int, np.ndarray], exclude: dict[int, set[str]] | None = None) -> LayerCall:
+    async def round(
+        self, work: dict[int, np.ndarray], exclude: dict[int, set[str]] | None = None, verify: bool = False
+    ) -> LayerCall:
         """Another round on the same inputs (a spot check, a reroute), with its own deadline."""
-        again = LayerCall(self.dispatcher, work, self.x, self.uids, self.dtype, exclude)
+        again = LayerCall(self.dispatcher, work, self.x, self.uids, self.dtype, exclude, verify)
         await again.run()
         return again
 
@@ -112,7 +123,7 @@ class LayerCall:
         """Send `todo`'s experts to replicas not tried yet and not already computing them; returns the calls sent."""
         sub = {e: self.work[e] for e in todo}
         calls, missing = self.dispatcher.planner.plan(
-            sub, self.uids, {e: self.tried[e] | self.covering(e) for e in todo}
+            sub, self.uids, {e: self.tried[e] | self.covering(e) for e in todo}, self.newcomers, self.verifier
         )
         self.unplaced.update(e for e in missing if not self.covering(e))
         exchange = self.dispatcher.exchange
@@ -146,13 +157,13 @@ class LayerCall:
     def on_answer(self, call: PeerCall, answer: Answer, health: PeerHealth) -> None:
         """The first answer for an expert wins; later ones (hedge duplicates) are ignored."""
         out = answer.out
-        health.observe(answer.ms)
+        health.observe(answer.ms, out.shape[0])
         self.stats.record_rpc(call.replica.peer_id, call.replica.record.endpoint, out.shape[0], answer.ms)
         offset = 0
         for expert, (_, rows) in zip(call.experts, call.segments, strict=True):
             if expert not in self.answers:
                 self.answers[expert] = out[offset : offset + rows]
-                self.receipts[expert] = answer.receipt
+                self.proofs[expert] = answer.proof
             offset += rows
 
     def on_failure(self, call: PeerCall, error: BaseException) -> None:
@@ -201,13 +212,17 @@ class LayerCall:
         self.launch(todo)
 
     async def abandon_inflight(self) -> None:
-        """Cancel the losers of a hedge, or calls past the deadline; each peer counts as at least that slow."""
+        """Cancel the losers of a hedge, or calls past the deadline; each peer counts as at least
+        that slow, and one that never answered anything is banned (with backoff): a peer that
+        accepts calls and never answers costs each layer call one hedge delay, once per ban."""
         now = self.loop.time()
         for task, call in self.inflight.items():
             task.cancel()
             health = self.health.get(call.replica.peer_id)
             health.inflight_rows -= call.rows
             health.outpaced((now - self.sent_at[task]) * 1e3)
+            if not health.answered:
+                self.health.fail(call.replica.peer_id)
         await asyncio.gather(*self.inflight, return_exceptions=True)
 
     # ---- helpers --------------------------------------------------------------------------

@@ -21,6 +21,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+MAX_EVIDENCE_KEPT = 64  # convictions whose evidence stays in memory (the trust store keeps its own files)
+
+
 @dataclass
 class DispatchStats:
     """Counters over the life of a dispatcher; every routed (token, slot) is counted."""
@@ -38,8 +41,12 @@ class DispatchStats:
     leaving: int = 0  # answers of a peer that is draining or joining: retried elsewhere, no ban
     bad_receipts: int = 0  # answers whose receipt did not verify (the peer is banned)
     spot_checks: int = 0  # experts recomputed on a second replica to verify the first
-    spot_unresolved: int = 0  # disagreements no third replica could settle
+    spot_unresolved: int = 0  # disagreements nothing could settle: the disputed answer was not used
+    spot_resolved_locally: int = 0  # disagreements settled by recomputing the expert on the coordinator
+    spot_unverified: int = 0  # sampled experts no independent replica could check
+    nonfinite: int = 0  # answers holding NaN or inf (refused, the peer banned with backoff)
     cheaters_banned: int = 0
+    banned_at_start: int = 0  # peers banned by earlier runs (the trust store), still banned
     evidence: list[dict] = field(default_factory=list)  # signed receipts of each proven-wrong answer
     rpc_ms: list[float] = field(default_factory=list)
     layer_ms: dict[int, list[float]] = field(default_factory=dict)  # whole layer calls, by layer
@@ -83,10 +90,22 @@ class DispatchStats:
     def record_spot_unresolved(self) -> None:
         self.spot_unresolved += 1
 
-    def record_cheater(self, evidence: dict) -> None:
-        self.bans += 1
-        self.cheaters_banned += 1
-        self.evidence.append(evidence)
+    def record_spot_resolved_locally(self) -> None:
+        self.spot_resolved_locally += 1
+
+    def record_spot_unverified(self, experts: int) -> None:
+        self.spot_unverified += experts
+
+    def record_nonfinite(self) -> None:
+        self.nonfinite += 1
+
+    def record_cheater(self, evidence: dict, new_peer: bool = True) -> None:
+        """A proven-wrong answer; `new_peer`: its peer was not convicted before (one ban per peer)."""
+        if new_peer:
+            self.bans += 1
+            self.cheaters_banned += 1
+        if len(self.evidence) < MAX_EVIDENCE_KEPT:
+            self.evidence.append(evidence)
 
     def record_layer(self, layer: int, routed: int, rerouted: int, dropped: int, ms: float) -> None:
         """A finished layer call: every routed (token, slot) is exact, rerouted or dropped."""

@@ -15,16 +15,19 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
+from protos.endpoints import is_local_host, parse_endpoint
 from protos.plumbing.dht import fetch_latest
 from protos.records import PeerRecord
 
 log = logging.getLogger(__name__)
+
+MAX_WARNED = 4096  # peers remembered as already warned about
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,14 @@ class Replica:
 
 
 class SwarmView:
-    def __init__(self, dht: DHT, uids: Sequence[str], refresh_period: float = 5.0) -> None:
+    def __init__(self, dht: DHT, uids: Sequence[str], refresh_period: float = 5.0, local: bool = True) -> None:
+        """`local`: the swarm runs on loopback/private addresses, so records may name them; a
+        public swarm's view drops such records (a record must not aim us at our own network)."""
         self.dht = dht
         self.uids = list(uids)
         self.refresh_period = refresh_period
+        self.local = local
+        self.on_refresh: list[Callable[[], None]] = []  # called on the loop after each refresh
         self._replicas: dict[str, list[Replica]] = {}
         self._bad_peers: set[str] = set()
         self.last_refresh = 0.0  # monotonic time of the last successful refresh
@@ -81,9 +88,10 @@ class SwarmView:
                 try:
                     record = PeerRecord.from_dict(value)
                 except (ValueError, KeyError, TypeError) as e:
-                    if peer_id not in self._bad_peers:
-                        self._bad_peers.add(peer_id)
-                        log.warning("ignoring malformed record of peer %s for %s: %s", peer_id, uid, e)
+                    self._warn_once(peer_id, f"ignoring malformed record of peer {peer_id} for {uid}: {e}")
+                    continue
+                if not self.local and is_local_host(parse_endpoint(record.endpoint)[0]):
+                    self._warn_once(peer_id, f"ignoring peer {record.peer_id}: a local endpoint in a public swarm")
                     continue
                 # the DHT's validators checked the owner's signature and the identity's binding
                 replicas.append(Replica(record.peer_id, record, expiration))
@@ -91,6 +99,15 @@ class SwarmView:
         self._replicas = view  # swapped whole: readers never see half a refresh
         self._refreshed_at = started
         self.last_refresh = time.monotonic()
+        for callback in self.on_refresh:
+            callback()
+
+    def _warn_once(self, peer_id: object, message: str) -> None:
+        if peer_id not in self._bad_peers:
+            if len(self._bad_peers) >= MAX_WARNED:  # throwaway identities cannot grow it without bound
+                self._bad_peers.clear()
+            self._bad_peers.add(peer_id)
+            log.warning("%s", message)
 
     async def _loop(self) -> None:
         while True:

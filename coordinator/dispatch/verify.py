@@ -1,30 +1,27 @@
-"""Trust, but check: peers' signed receipts, and spot checks that recompute on other replicas."""
+"""Trust, but check: the proof each answer carries (its peer's signed receipt and the
+plaintexts the receipt commits to), and the deferred check of receipts. Spot checks, which
+decide between replicas that disagree, live in `spot.py`."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
-import random
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import torch
+from dataclasses import dataclass, field
 
 from coordinator.dispatch import sealed
 from coordinator.dispatch.health import HealthCache
 from coordinator.dispatch.stats import DispatchStats
 from coordinator.dispatch.swarm import Replica
+from protos import envelope
 from protos import expert_service_pb2 as pb
 from protos.envelope import EnvelopeError
 
-if TYPE_CHECKING:
-    from coordinator.dispatch.layer_call import LayerCall
-
 log = logging.getLogger(__name__)
 
-CHEATER_BAN_S = 3600.0  # a peer proven wrong by its own receipt
-# relative difference two honest replicas may show (GEMM blocking varies with batch composition)
-SPOT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# evidence keeps the plaintexts its receipts commit to up to this size per call (both sides
+# together); a bigger call's evidence keeps the digests, headers and signatures only
+EVIDENCE_PLAINTEXT_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -52,13 +49,49 @@ def check_receipt(replica: Replica, sent: sealed.Sent, response: pb.ForwardRespo
 
 
 @dataclass
-class Unchecked:
-    """A sealed answer already used, whose receipt is checked once the layer call has returned."""
+class Proof:
+    """One answered call and what its receipt commits to: the request's header and plaintext,
+    the answer's header and plaintext. Kept until the layer call's checks are done; its receipt
+    is verified when first asked for (before use for plaintext answers, after the layer call
+    for sealed ones, at once when a spot check disputes it)."""
 
     replica: Replica
     sent: sealed.Sent
     response: pb.ForwardResponse
-    plain: bytes
+    plain: bytes | memoryview
+    _receipt: Receipt | None = field(default=None, repr=False)
+
+    @property
+    def peer_id(self) -> str:
+        return self.replica.peer_id
+
+    def receipt(self) -> Receipt:
+        """The verified receipt (EnvelopeError if its signature does not verify)."""
+        if self._receipt is None:
+            self._receipt = check_receipt(self.replica, self.sent, self.response, self.plain)
+        return self._receipt
+
+    def evidence(self) -> dict[str, object]:
+        """What a third party needs to check this answer: the signed statement, the headers and
+        plaintexts it commits to (envelope.digest(header, plaintext) gives each digest in the
+        statement), the segments, dtype and shape to decode them, and the signer's identity."""
+        sent = self.sent
+        inputs = sent.request.inputs
+        out: dict[str, object] = {
+            **self.receipt().evidence(),
+            "endpoint": self.replica.record.endpoint,
+            "segments": [[s.expert_uid, s.num_rows] for s in sent.request.segments],
+            "dtype": inputs.dtype,
+            "shape": list(inputs.shape),
+            "request_header": sent.header.hex(),
+            "request_digest": sent.digest.hex(),
+            "response_header": sent.response_header.hex(),
+            "output_digest": envelope.digest(sent.response_header, self.plain).hex(),
+        }
+        if len(sent.plaintext) + len(self.plain) <= EVIDENCE_PLAINTEXT_BYTES:
+            out["request_b64"] = base64.b64encode(sent.plaintext).decode("ascii")
+            out["output_b64"] = base64.b64encode(self.plain).decode("ascii")
+        return out
 
 
 class DeferredReceipts:
@@ -67,9 +100,9 @@ class DeferredReceipts:
     def __init__(self, health: HealthCache, stats: DispatchStats) -> None:
         self.health = health
         self.stats = stats
-        self.pending: list[Unchecked] = []
+        self.pending: list[Proof] = []
 
-    def add(self, item: Unchecked) -> None:
+    def add(self, item: Proof) -> None:
         self.pending.append(item)
 
     def check_later(self) -> None:
@@ -81,75 +114,15 @@ class DeferredReceipts:
             loop = asyncio.get_running_loop()
             loop.call_soon(loop.call_soon, self._check, pending)
 
-    def _check(self, pending: list[Unchecked]) -> None:
+    def _check(self, pending: list[Proof]) -> None:
         for item in pending:
             try:
-                check_receipt(item.replica, item.sent, item.response, item.plain)
+                item.receipt()
             except EnvelopeError as e:
-                peer = item.replica.peer_id
-                self.health.fail(peer)
-                self.stats.record_bad_receipt()
-                log.warning("peer %s answered with a receipt that does not verify (%s); banned", peer, e)
+                self.punish(item, e)
 
-
-class SpotChecks:
-    """Recompute a sampled fraction of experts on a second replica; on disagreement a third
-    decides, the peer proven wrong by its own signed receipt is banned, and the honest
-    output replaces its answer before the caller combines."""
-
-    def __init__(
-        self,
-        fraction: float,
-        tolerance: float | None,
-        rng: random.Random,
-        health: HealthCache,
-        stats: DispatchStats,
-    ) -> None:
-        self.fraction = fraction
-        self.tolerance = tolerance
-        self.rng = rng
-        self.health = health
-        self.stats = stats
-
-    async def check(self, first: LayerCall) -> None:
-        """Verify a sample of `first`'s answers; wrong ones are replaced in place."""
-        work, answers, receipts = first.work, first.answers, first.receipts
-        sampled = {e: work[e] for e in answers if self.rng.random() < self.fraction}
-        if not sampled:
-            return
-        second = await first.round(sampled, {e: {receipts[e].peer_id} for e in sampled})
-        self.stats.record_spot_checks(len(second.answers))
-        disputed = {e: work[e] for e in second.answers if not self.agree(answers[e], second.answers[e])}
-        if not disputed:
-            return
-        third = await first.round(disputed, {e: {receipts[e].peer_id, second.receipts[e].peer_id} for e in disputed})
-        for e in disputed:
-            self._judge(e, first, second, third)
-
-    def _judge(self, e: int, first: LayerCall, second: LayerCall, third: LayerCall) -> None:
-        """Expert `e`'s first two answers disagree: the third decides who lied, if it can."""
-        uid = first.uids[e]
-        first_ok = e in third.answers and self.agree(first.answers[e], third.answers[e])
-        second_ok = e in third.answers and self.agree(second.answers[e], third.answers[e])
-        if first_ok == second_ok:  # no third replica, or it agrees with both or neither
-            self.stats.record_spot_unresolved()
-            log.warning("spot check of %s unresolved: replicas disagree and no majority", uid)
-            return
-        ours, theirs = first.receipts[e], second.receipts[e]
-        liar, witness = (theirs, ours) if first_ok else (ours, theirs)
-        if second_ok:
-            first.answers[e], first.receipts[e] = second.answers[e], theirs
-        self.health.ban(liar.peer_id, CHEATER_BAN_S)
-        evidence = {
-            "expert": uid,
-            "wrong": liar.evidence(),
-            "agreeing": [witness.evidence(), third.receipts[e].evidence()],
-        }
-        self.stats.record_cheater(evidence)
-        log.warning("peer %s returned a wrong output for %s; banned. evidence: %s", liar.peer_id, uid, evidence)
-
-    def agree(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        """Equal up to the last bits that batch composition may change (relative norm of the difference)."""
-        tol = SPOT_TOLERANCE.get(a.dtype, 2e-2) if self.tolerance is None else self.tolerance
-        a, b = a.float(), b.float()
-        return bool((a - b).norm() <= tol * (b.norm() + 1e-6))
+    def punish(self, item: Proof, error: EnvelopeError) -> None:
+        peer = item.peer_id
+        self.health.fail(peer)
+        self.stats.record_bad_receipt()
+        log.warning("peer %s answered with a receipt that does not verify (%s); banned", peer, error)

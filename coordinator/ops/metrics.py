@@ -20,8 +20,12 @@ _COUNTERS = {
     "refusals": "RESOURCE_EXHAUSTED answers (retried elsewhere)",
     "leaving": "answers of peers that are draining or joining (retried elsewhere, no ban)",
     "spot_checks": "experts recomputed on a second replica",
-    "spot_unresolved": "spot-check disputes no third replica settled",
+    "spot_unresolved": "spot-check disputes nothing settled (the disputed answer was not used)",
+    "spot_resolved_locally": "spot-check disputes settled by recomputing the expert on the coordinator",
+    "spot_unverified": "sampled experts with no independent replica to check them",
+    "nonfinite": "answers holding NaN or inf (refused)",
     "cheaters_banned": "peers proven wrong by spot checks",
+    "banned_at_start": "peers still banned by earlier runs (trust store)",
     "bad_receipts": "answers whose signed receipt did not verify",
 }
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from coordinator.dispatch.stats import DispatchStats, percentile
+from coordinator.ops.console import safe_text
 
 
 def peers_table(
@@ -23,8 +23,8 @@ def peers_table(
         table.add_column(col)
     for peer_id in sorted(set(stats.rpcs_by_peer) | set(fates), key=lambda p: names.get(p, p)):
         table.add_row(
-            escape(names.get(peer_id, peer_id)),
-            escape(stats.endpoints.get(peer_id, "-")),
+            safe_text(names.get(peer_id, peer_id)),
+            safe_text(stats.endpoints.get(peer_id, "-")),
             hosted.get(peer_id, "?"),
             str(stats.rpcs_by_peer.get(peer_id, 0)),
             str(stats.rows_by_peer.get(peer_id, 0)),
@@ -53,7 +53,10 @@ def counts_line(stats: DispatchStats) -> str:
         f"{stats.dropped} dropped; {stats.retries} retries, {stats.hedges} hedges, {stats.bans} bans "
         f"({stats.cheaters_banned} proven cheaters, {stats.bad_receipts} bad receipts), "
         f"{stats.refusals} overload refusals, {stats.leaving} answers of leaving peers; "
-        f"spot checks: {stats.spot_checks} experts recomputed, {stats.spot_unresolved} disputes unresolved"
+        f"spot checks: {stats.spot_checks} experts recomputed, {stats.spot_unresolved} disputes unresolved "
+        f"(their answers not used), {stats.spot_resolved_locally} settled by recomputing locally, "
+        f"{stats.spot_unverified} with no independent replica to check; {stats.nonfinite} non-finite answers; "
+        f"{stats.banned_at_start} peers still banned from earlier runs"
     )
 
 

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from coordinator.ops.console import console
+from coordinator.ops.console import console, safe_text
 from protos import toy_model
 from protos.expert_spec import format_expert_spec
 from protos.plumbing.dht import fetch_latest
@@ -267,10 +267,10 @@ _STATE_STYLE = {"online": "green", "joining": "yellow", "draining": "yellow", "l
 
 def _replica_line(r: ReplicaStatus) -> Text:
     if r.error is not None:
-        return Text(f"{r.peer_id[-8:]} invalid record: {r.error}", style="red")
+        return safe_text(f"{r.peer_id[-8:]} invalid record: {r.error}", style="red")
     state = r.state if r.expires_in > 0 else "expired"
     return Text.assemble(
-        (f"{r.peer_id} {r.endpoint if r.reach == 'direct' else r.reach} ", ""),
+        safe_text(f"{r.peer_id} {r.endpoint if r.reach == 'direct' else r.reach} "),
         (state or "", _STATE_STYLE.get(state or "", "dim")),
         f" load {r.load} {r.throughput:.0f} tok/s {r.expires_in:.0f}s",
     )
@@ -297,19 +297,24 @@ def peers_table(status: SwarmStatus) -> Table:
         table.add_column(col, justify="right" if col in ("load", "tok/s", "expires in") else "left")
     for p in status.peers():
         if p["error"] is not None:
-            table.add_row(p["peer_id"], "", Text("invalid record", style="red"), hosted_spec(p["experts"], []))
+            table.add_row(
+                safe_text(p["peer_id"]),
+                "",
+                Text("invalid record", style="red"),
+                safe_text(hosted_spec(p["experts"], [])),
+            )
             continue
         state = p["state"] if p["expires_in"] > 0 else "expired"
         table.add_row(
-            p["peer_id"],
-            p["endpoint"],
-            p["reach"],
+            safe_text(p["peer_id"]),
+            safe_text(p["endpoint"]),
+            safe_text(p["reach"]),
             Text(state, style=_STATE_STYLE.get(state, "dim")),
-            hosted_spec(p["experts"], status.experts),
+            safe_text(hosted_spec(p["experts"], status.experts)),
             str(p["load"]),
             f"{p['throughput']:.0f}",
-            p["device"],
-            p["version"],
+            safe_text(p["device"]),
+            safe_text(p["version"]),
             f"{p['expires_in']:.1f}s",
         )
     return table

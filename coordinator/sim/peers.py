@@ -193,6 +193,7 @@ def build_plan(args: argparse.Namespace, num_experts: int) -> tuple[list[PeerPla
         latency_ms=args.latency_ms,
         jitter_ms=args.jitter_ms,
         loss=args.loss,
+        cheaters=args.cheaters,
     )
     if args.schedule:
         events = load_schedule(args.schedule, [p.name for p in plans])

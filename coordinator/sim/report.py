@@ -83,16 +83,22 @@ def _verification(stats: DispatchStats) -> dict[str, int]:
     return {
         "spot_checks": stats.spot_checks,
         "spot_unresolved": stats.spot_unresolved,
+        "spot_resolved_locally": stats.spot_resolved_locally,
+        "spot_unverified": stats.spot_unverified,
         "cheaters_banned": stats.cheaters_banned,
         "evidence": len(stats.evidence),
         "bad_receipts": stats.bad_receipts,
+        "nonfinite": stats.nonfinite,
+        "banned_at_start": stats.banned_at_start,
     }
 
 
 def _verification_text(v: dict) -> str:
     return (
         f"{v['spot_checks']} spot checks ({v['spot_unresolved']} unresolved), {v['cheaters_banned']} cheaters "
-        f"banned ({v['evidence']} evidence), {v['bad_receipts']} bad receipts"
+        f"banned ({v['evidence']} evidence), {v['bad_receipts']} bad receipts; "
+        f"{v['spot_resolved_locally']} disputes settled locally, {v['spot_unverified']} unverifiable, "
+        f"{v['nonfinite']} non-finite answers, {v['banned_at_start']} banned from earlier runs"
     )
 
 

@@ -61,6 +61,9 @@ def expert_groups(num_experts: int, num_peers: int, replication: int) -> list[st
     return expert_slices(num_experts, min(num_peers // replication, num_experts))
 
 
+CHEAT_SCALE = 0.05  # a cheating peer's outputs are scaled by 1 + this
+
+
 def plan_peers(
     num_peers: int,
     num_experts: int,
@@ -73,12 +76,18 @@ def plan_peers(
     latency_ms: float = 0.0,
     jitter_ms: float = 0.0,
     loss: float = 0.0,
+    cheaters: int = 0,
 ) -> list[PeerPlan]:
-    """Peer i joins group i mod groups; the slowed peers and each peer's latency are drawn from `seed`."""
+    """Peer i joins group i mod groups; the slowed peers and each peer's latency are drawn from
+    `seed`; `cheaters` peers (drawn apart, so the other draws stay as they are) corrupt their
+    outputs by CHEAT_SCALE and sign them as if honest."""
     specs = ["auto"] if auto else expert_groups(num_experts, num_peers, replication)
     rng = random.Random(seed)
     names = [f"peer{i}" for i in range(num_peers)]
     slowed = set(rng.sample(names, round(slow_fraction * num_peers))) if slowdown > 1 else set()
+    if not 0 <= cheaters <= num_peers:
+        raise ValueError(f"need 0 <= cheaters <= peers, got {cheaters} with {num_peers} peers")
+    cheating = set(random.Random(seed + 1).sample(names, cheaters))
     plans = []
     for i, name in enumerate(names):
         imp: dict[str, float] = {}
@@ -90,6 +99,8 @@ def plan_peers(
             imp["sim-jitter-ms"] = jitter_ms
         if loss > 0:
             imp["sim-loss"] = loss
+        if name in cheating:
+            imp["sim-corrupt"] = CHEAT_SCALE
         if imp:
             imp["sim-seed"] = seed * 1000 + i
         plans.append(PeerPlan(name, specs[i % len(specs)], i % len(specs), imp))

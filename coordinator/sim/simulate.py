@@ -62,6 +62,10 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-ms", type=float, default=0.0, help="mean added latency per peer (each 0.5-1.5x)")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="+- uniform jitter on every answer")
     p.add_argument("--loss", type=float, default=0.0, help="probability a request to a peer fails")
+    p.add_argument("--cheaters", type=int, default=0, help="peers that corrupt their outputs and sign them as honest")
+    p.add_argument(
+        "--spot-check", type=float, default=0.0, help="base fraction of answers the coordinators verify (0-1)"
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds one layer call may take")
     p.add_argument("--fallback", default="reroute", choices=FALLBACK_POLICIES, help="when no replica answers")
     p.add_argument("--no-hedge", action="store_true", help="never send hedged duplicates")
@@ -135,6 +139,7 @@ def _run(args: argparse.Namespace, swarm: LocalSwarm, console: Console) -> dict:
                 timeout=args.timeout,
                 fallback=args.fallback,
                 hedge=not args.no_hedge,
+                spot_check=args.spot_check,
             )
             clients.append(client)
             client.wait_for_experts(timeout=60)
