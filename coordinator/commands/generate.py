@@ -16,6 +16,7 @@ from coordinator.dispatch.dispatcher import FALLBACK_POLICIES
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.ops.console import console as make_console
 from coordinator.ops.report import print_swarm_summary
+from coordinator.speculate.options import add_speculate_args, check_speculate_args, controller_for, make_draft
 from protos import tensors
 from protos.envelope import Identity
 
@@ -57,6 +58,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         "--key-file", type=Path, default=None, help="this coordinator's identity (for private swarms' allowlists)"
     )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    add_speculate_args(p)
 
 
 @dataclass
@@ -95,6 +97,8 @@ def print_dry_run(model: str, revision: str | None) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
+    from coordinator.speculate.decode import speculative_generate
+
     console = make_console(stderr=True)
     # a person watching one generation wants to see each ban as it happens (a simulation does not)
     logging.getLogger(layer_call.__name__).setLevel(logging.INFO)
@@ -103,6 +107,7 @@ def run_generate(args: argparse.Namespace) -> int:
     needed = {"--prompt": args.prompt, "--initial-peers": args.initial_peers}
     if missing := [flag for flag, value in needed.items() if not value]:
         raise ValueError(f"generate needs {' and '.join(missing)}")
+    check_speculate_args(args)
     info = checkpoint_info(args.model, args.revision)
     tokenizer = AutoTokenizer.from_pretrained(info.checkpoint.path)
     dtype = tensors.dtype_from_name(args.dtype) if args.dtype else None
@@ -133,10 +138,18 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         print(args.prompt, end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result = greedy(model, ids, args.max_new_tokens, streamer)
+        if args.speculate == "off":
+            result, spec = greedy(model, ids, args.max_new_tokens, streamer), None
+        else:
+            draft = make_draft(args.speculate, model, args.draft_model)
+            result = spec = speculative_generate(
+                model, ids, draft, args.max_new_tokens, streamer=streamer, controller=controller_for(args)
+            )
         print(flush=True)
         console.print(
             f"{result.new_tokens} tokens in {result.seconds:.2f}s: {result.new_tokens / result.seconds:.2f} tokens/s"
         )
+        if spec is not None:
+            console.print(spec.stats.summary())
         print_swarm_summary(console, client.dispatcher.stats)
     return 0
