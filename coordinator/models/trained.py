@@ -170,11 +170,22 @@ def build_trained(folder: Path, say: Say = _stderr) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def _folder(cache: Path) -> Path:
+    return Path(cache) / f"trained-pystdlib-v1-s{SEED}"
+
+
+def trained_ready(cache: Path = Path(".cache")) -> bool:
+    """Both checkpoints are already in `cache`."""
+    folder = _folder(cache)
+    return all(
+        (folder / n / "config.json").is_file() and (folder / n / "tokenizer.json").is_file() for n in ("moe", "draft")
+    )
+
+
 def ensure_trained(cache: Path = Path(".cache"), say: Say = _stderr) -> tuple[Path, Path]:
     """(MoE checkpoint, draft checkpoint), trained on first use and reused afterwards."""
-    folder = Path(cache) / f"trained-pystdlib-v1-s{SEED}"
-    moe, draft = folder / "moe", folder / "draft"
-    if all((p / "config.json").is_file() and (p / "tokenizer.json").is_file() for p in (moe, draft)):
-        return moe, draft
+    folder = _folder(cache)
+    if trained_ready(cache):
+        return folder / "moe", folder / "draft"
     folder.mkdir(parents=True, exist_ok=True)
     return build_trained(folder, say)
