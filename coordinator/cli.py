@@ -7,7 +7,7 @@ moe-swarm generate             generate text with a Hugging Face MoE model whose
 moe-swarm status               per expert: replicas, state, load, throughput, record expiry (from the DHT)
 moe-swarm dashboard            the same as a live web page: coverage map (layers x experts) and peer health
 moe-swarm bench layer          one layer call: swarm vs in-process vs hivemind
-moe-swarm bench generate       tokens/s through a local swarm vs the same model run locally
+moe-swarm bench generate       tokens/s of one sequence behind an RTT vs its floor, with and without speculation
 moe-swarm bench api            the API gateway: aggregate tokens/s, TTFT and inter-token latency per client count
 moe-swarm simulate             churn: peers killed/stopped/stalled/restarted under load, report + JSON + plot
 """
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     add_layer_args(bench.add_parser("layer", help="latency of one MoE layer call"))
     add_api_bench_args(bench.add_parser("api", help="the API gateway: tokens/s, TTFT, inter-token per client count"))
-    add_generate_bench_args(bench.add_parser("generate", help="tokens/s through a local swarm vs the local model"))
+    add_generate_bench_args(bench.add_parser("generate", help="tokens/s behind an RTT vs the floor, with speculation"))
     add_straggler_bench_args(bench.add_parser("straggler", help="layer latency with a stalled peer, hedging on/off"))
     add_saturation_bench_args(bench.add_parser("saturation", help="rows/s a saturated peer serves vs raw compute"))
     add_security_bench_args(bench.add_parser("security", help="a layer call sealed + signed vs plaintext"))

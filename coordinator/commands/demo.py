@@ -19,6 +19,7 @@ from coordinator.client import SwarmClient
 from coordinator.commands.generate import greedy
 from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.models.tiny import ensure_tiny_checkpoint
+from coordinator.models.trained import ensure_trained, trained_ready
 from coordinator.ops.report import print_swarm_summary
 from coordinator.sim.local_swarm import LocalSwarm
 from protos.expert_spec import expert_slices
@@ -30,23 +31,40 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", type=int, default=3, help="peer processes (each hosts a slice of every layer)")
     p.add_argument("--family", default="mixtral", help="tiny model family (see coordinator/models/tiny.py)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default="the swarm of experts")
+    p.add_argument("--prompt", default=None, help="default: a line of Python (trained model) or a phrase (random)")
+    p.add_argument(
+        "--trained",
+        action="store_true",
+        help="serve the tiny MoE trained on the Python standard library (trained once, a few CPU-minutes; used "
+        "without this flag whenever it is already in --cache): readable output instead of random bytes",
+    )
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--cache", type=Path, default=Path(".cache"), help="where the seeded checkpoint is kept")
+
+
+def demo_checkpoint(args: argparse.Namespace, console: Console) -> tuple[Path, str]:
+    """The trained tiny MoE when asked for or already trained, else the seeded random one; and the prompt."""
+    if args.trained or trained_ready(args.cache):
+        moe, _ = ensure_trained(args.cache, say=lambda line: console.print(line, highlight=False))
+        return moe, args.prompt or "def read_config(path):\n    "
+    console.print(
+        f"random tiny {args.family} (output is random bytes; `moe-swarm demo --trained` trains a readable one once)"
+    )
+    return ensure_tiny_checkpoint(args.cache, args.family, args.seed), args.prompt or "the swarm of experts"
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     console = Console(soft_wrap=True)  # multiaddrs and token lists stay on one line
-    ckpt = ensure_tiny_checkpoint(args.cache, args.family, args.seed)
+    ckpt, prompt = demo_checkpoint(args, console)
     info = checkpoint_info(ckpt)
     console.print(
-        f"[bold]model[/] {info.manifest.model_id}: {args.family}, MoE layers {info.checkpoint.layers}, "
+        f"[bold]model[/] {info.manifest.model_id}: MoE layers {info.checkpoint.layers}, "
         f"{info.checkpoint.num_experts} experts each  ({ckpt})"
     )
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
     local = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="eager").eval()
     with LocalSwarm() as swarm:
         boot = swarm.start_bootstrap()
@@ -70,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
             stats = client.dispatcher.stats
 
     new = slice(ids.shape[-1], None)
-    # random weights make byte-level gibberish: the token ids are what is compared
+    # the token ids are what is compared (a random model's text is byte-level gibberish)
     for label, run in (("through the swarm", swarm_run), ("local model      ", local_run)):
         console.print(
             f"[bold]{label}:[/] ids {run.output_ids[0, new].tolist()}  text "

@@ -18,6 +18,7 @@ from coordinator.models.hf import checkpoint_info, load_swarm_model
 from coordinator.ops.console import console as make_console
 from coordinator.ops.report import print_swarm_summary
 from coordinator.ops.watch import SwarmWatch
+from coordinator.speculate.options import add_speculate_args, check_speculate_args, controller_for, make_draft
 from protos import tensors
 from protos.envelope import Identity
 
@@ -73,6 +74,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         "--key-file", type=Path, default=None, help="this coordinator's identity (for private swarms' allowlists)"
     )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    add_speculate_args(p)
 
 
 @dataclass
@@ -121,6 +123,7 @@ def run_generate(args: argparse.Namespace) -> int:
     needed = {"--prompt": args.prompt, "--initial-peers": args.initial_peers}
     if missing := [flag for flag, value in needed.items() if not value]:
         raise ValueError(f"generate needs {' and '.join(missing)}")
+    check_speculate_args(args)
     info = checkpoint_info(args.model, args.revision)
     tokenizer = AutoTokenizer.from_pretrained(info.checkpoint.path)
     dtype = tensors.dtype_from_name(args.dtype) if args.dtype else None
@@ -139,26 +142,42 @@ def run_generate(args: argparse.Namespace) -> int:
         console.print(f"model {info.manifest.model_id}: waiting for {len(info.uids)} experts in the swarm")
         wait_for_coverage(client, args, console)
         model = load_swarm_model(info.checkpoint.path, client, dtype, info)
-        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-        print(args.prompt, end="", flush=True)
-        streamer = CountingStreamer(tokenizer)
-        watch = SwarmWatch(client.swarm, client.dispatcher.health, console.print, args.fallback).start()
-        start = time.perf_counter()
-        try:
+        return generate_through(client, args, model, tokenizer, console)
+
+
+def generate_through(client: SwarmClient, args: argparse.Namespace, model, tokenizer, console) -> int:
+    """Stream the continuation (speculating if asked), then say how it went and what the swarm did;
+    Ctrl-C ends it early with the same report (exit 130)."""
+    from coordinator.speculate.decode import speculative_generate
+
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    print(args.prompt, end="", flush=True)
+    streamer = CountingStreamer(tokenizer)
+    watch = SwarmWatch(client.swarm, client.dispatcher.health, console.print, args.fallback).start()
+    start, spec = time.perf_counter(), None
+    try:
+        if args.speculate == "off":
             result = greedy(model, ids, args.max_new_tokens, streamer)
-        except KeyboardInterrupt:  # what was generated so far, and what the swarm did for it
-            seconds, rc = time.perf_counter() - start, 130
-            print(flush=True)
-            console.print(f"interrupted (Ctrl-C) after {max(streamer.tokens, 0)} tokens in {seconds:.2f}s")
         else:
-            rc = 0
-            print(flush=True)
-            console.print(
-                f"{result.new_tokens} tokens in {result.seconds:.2f}s: "
-                f"{result.new_tokens / result.seconds:.2f} tokens/s"
+            draft = make_draft(args.speculate, model, args.draft_model)
+            result = spec = speculative_generate(
+                model, ids, draft, args.max_new_tokens, streamer=streamer, controller=controller_for(args)
             )
-        watch.stop()
-        print_swarm_summary(console, client.dispatcher.stats, hosted=watch.hosted(), fates=watch.fates())
+    except KeyboardInterrupt:  # what was generated so far, and what the swarm did for it
+        seconds, rc = time.perf_counter() - start, 130
+        print(flush=True)
+        console.print(f"interrupted (Ctrl-C) after {max(streamer.tokens, 0)} tokens in {seconds:.2f}s")
+    else:
+        rc = 0
+        print(flush=True)
+        console.print(
+            f"{result.new_tokens} tokens in {result.seconds:.2f}s: "
+            f"{result.new_tokens / result.seconds:.2f} tokens/s"
+        )
+        if spec is not None:
+            console.print(spec.stats.summary())
+    watch.stop()
+    print_swarm_summary(console, client.dispatcher.stats, hosted=watch.hosted(), fates=watch.fates())
     return rc
 
 
@@ -187,9 +206,6 @@ def wait_for_coverage(client: SwarmClient, args: argparse.Namespace, console) ->
             "(`moe-swarm status --initial-peers ...` lists what it serves; --min-coverage 0 runs anyway)"
         )
     console.print(f"[yellow]warning:[/] {problem}; continuing with the {args.fallback} fallback")
-
-
-
 
 class CountingStreamer:
     """Streams through transformers' TextStreamer and counts the new tokens, so an interrupted

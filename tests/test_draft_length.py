@@ -1,0 +1,60 @@
+"""The adaptive draft length as pure logic: it follows measured acceptance and pass costs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from coordinator.speculate.controller import DraftLength, expected_tokens
+
+pytestmark = pytest.mark.unit
+
+
+def feed(controller: DraftLength, passes: int, accept: float, cost_ms) -> list[int]:
+    """Drive the controller: each pass drafts what it asks for; each drafted token is accepted
+    with probability `accept` until the first miss (seeded)."""
+    rng = random.Random(0)
+    lengths = []
+    for _ in range(passes):
+        k = controller.next_length(budget=100)
+        lengths.append(k)
+        accepted = 0
+        while accepted < k and rng.random() < accept:
+            accepted += 1
+        controller.observe(k, accepted, cost_ms(k + 1), draft_ms=0.1 * k)
+    return lengths
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_a_draft_that_is_never_right_is_switched_off():
+    c = DraftLength(max_tokens=8)
+    lengths = feed(c, 60, accept=0.0, cost_ms=lambda n: 50.0 + 0.5 * n)
+    assert c.best() == 0
+    assert sum(1 for k in lengths[30:] if k > 0) <= 2  # only sparse probes, each gap twice the last
+
+
+def test_a_good_draft_on_a_long_link_drafts_long():
+    c = DraftLength(max_tokens=8)
+    feed(c, 30, accept=1.0, cost_ms=lambda n: 400.0 + 1.0 * n)  # 8 layers x 50 ms: extra tokens nearly free
+    assert c.best() == 8
+
+
+def test_costly_verify_passes_shorten_the_draft():
+    cheap, costly = DraftLength(max_tokens=8), DraftLength(max_tokens=8)
+    feed(cheap, 60, accept=0.8, cost_ms=lambda n: 100.0 + 1.0 * n)
+    feed(costly, 60, accept=0.8, cost_ms=lambda n: 2.0 + 1.0 * n)  # loopback: each token wakes more peers
+    assert 0 < costly.best() < cheap.best()
+
+
+def test_a_draft_that_comes_back_is_picked_up_by_a_probe():
+    c = DraftLength(max_tokens=4)
+    feed(c, 20, accept=0.0, cost_ms=lambda n: 50.0)
+    assert c.best() == 0
+    lengths = feed(c, 60, accept=1.0, cost_ms=lambda n: 50.0)
+    assert lengths[-1] > 0
