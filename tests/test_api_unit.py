@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from coordinator.api.admission import Admission, Limits
+from coordinator.api.engine import plan_step
 from coordinator.api.errors import ApiError
 from coordinator.api.params import RequestParser, Sampling
 from coordinator.api.rendezvous import StepRendezvous
@@ -163,6 +164,29 @@ def test_admission_queue_limits_and_order(tokenizer):
     a.cancelled = True
     assert admission.drop_cancelled() == [a] and admission.admit() == [c]
     assert admission.reserved == 20 and not admission.idle
+
+
+def test_prefill_is_chunked_and_never_stalls_decoders(tokenizer):
+    decoder = sequence(tokenizer, prompt=(5, 6))
+    decoder.fed(2)
+    decoder.accept(one_hot(70))  # decoding: its next input is 70
+    long = sequence(tokenizer, prompt=tuple(range(10, 35)))  # 25 prompt tokens
+    short = sequence(tokenizer, prompt=(7, 8, 9))
+    steps = []
+    for _ in range(4):
+        plan = plan_step([decoder, long, short], prefill_chunk=10)
+        steps.append([(s is decoder, s is long, len(ids)) for s, ids in plan])
+        for s, ids in plan:
+            s.fed(len(ids))
+            if s is decoder:
+                s.pending.append(71)  # as accept() would
+    # the decoder feeds one token every step; the prompts share 10 tokens per step, in arrival order
+    assert steps == [
+        [(True, False, 1), (False, True, 10)],
+        [(True, False, 1), (False, True, 10)],
+        [(True, False, 1), (False, True, 5), (False, False, 3)],
+        [(True, False, 1)],
+    ]
 
 
 class CountingExecutor:

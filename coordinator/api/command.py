@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import time
 from types import FrameType
 
@@ -103,14 +104,27 @@ def run_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so a taken port is one clear line, not uvicorn's exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 async def _serve(server: DrainingServer, args: argparse.Namespace, name: str) -> None:
-    task = asyncio.ensure_future(server.serve())
+    sock = _listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
-            await task  # uvicorn could not start (e.g. the port is taken): it logged why
-            raise ValueError(f"cannot listen on {args.host}:{args.port}")
+            await task
         await asyncio.sleep(0.05)
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
     print(f"serving {name} on http://{host}:{port}/v1 (OpenAI API); metrics on /metrics", flush=True)
     if args.ready_file:
         write_json_atomic(args.ready_file, {"host": host, "port": port, "pid": os.getpid()})

@@ -115,19 +115,8 @@ class Engine:
         self.metrics.active.set(len(a.active))
         self.metrics.kv_reserved.set(a.reserved)
 
-    def _plan(self, batch: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        """Decoders first (one token each), then prompt chunks within the step's prefill budget."""
-        plan = [(s, s.take(1)) for s in batch if len(s.pending) == 1 and s.generated]
-        budget = self.limits.prefill_chunk
-        for s in batch:
-            if budget > 0 and not (len(s.pending) == 1 and s.generated):
-                chunk = s.take(budget)
-                budget -= len(chunk)
-                plan.append((s, chunk))
-        return plan
-
     def _step(self, batch: list[Sequence]) -> None:
-        plan = self._plan(batch)
+        plan = plan_step(batch, self.limits.prefill_chunk)
         if not plan:
             return
         self.rendezvous.open([id(s) for s, _ in plan])
@@ -176,6 +165,22 @@ class Engine:
                 if seq in self.admission.active:
                     self.admission.release(seq)
             self._gauges()
+
+
+def plan_step(batch: list[Sequence], prefill_chunk: int) -> list[tuple[Sequence, list[int]]]:
+    """What each sequence feeds this step: decoders one token each, always; prefilling ones
+    chunks of their prompts, in arrival order, `prefill_chunk` tokens in all."""
+    decoding = [s for s in batch if s.generated and len(s.pending) == 1]
+    plan = [(s, s.take(1)) for s in decoding]
+    budget = prefill_chunk
+    for s in batch:
+        if budget <= 0:
+            break
+        if s.pending and s not in decoding:
+            chunk = s.take(budget)
+            budget -= len(chunk)
+            plan.append((s, chunk))
+    return plan
 
 
 def _as_api_error(e: BaseException) -> ApiError:

@@ -65,10 +65,6 @@ class Sequence:
         """KV cache positions this sequence may fill: prompt + every token it may generate."""
         return len(self.request.prompt_ids) + self.request.sampling.max_tokens
 
-    @property
-    def prefilling(self) -> bool:
-        return len(self.pending) > 1 or not self.generated
-
     def take(self, budget: int) -> list[int]:
         """The tokens to feed this step: the last token, or up to `budget` prompt tokens."""
         return self.pending[: max(budget, 1)]
