@@ -31,6 +31,7 @@ from .conftest import TINY
 H = TINY.hidden_dim
 JUNK_IDENTITIES = 24
 DEADLINE_S = 5.0  # each layer call's deadline: a call that succeeds finished within it
+REFUSED = ["unix:/tmp/moe.sock", "dns:///127.0.0.1:1", "unix:5"]  # endpoints every honest node refuses
 
 
 class ManyOwners(RSASignatureValidator):
@@ -94,27 +95,41 @@ def test_junk_records_cost_a_fresh_coordinator_a_bounded_time(swarm, ckpt, hones
             endpoint = tarpit if i % 2 else "127.0.0.1:1"  # a tarpit, or a closed port
             for uid in uids:
                 attacker.store(uid, record(identity, owners[i], endpoint), expires, subkey=owners[i])
-        # endpoints that are not host:port: every honest node refuses them
-        for j, endpoint in enumerate(["unix:/tmp/moe.sock", "dns:///127.0.0.1:1", "unix:5"]):
+        # endpoints that are not host:port: every honest node refuses them (the attacker's own
+        # node keeps them, so whether store() reports success depends on which node answered last)
+        for j, endpoint in enumerate(REFUSED):
             owner = owners[JUNK_IDENTITIES + j]
-            assert not attacker.store(uids[0], record(Identity.generate(), owner, endpoint), expires, subkey=owner)
-        with SwarmClient(swarm.initial_peers, uids, timeout=DEADLINE_S, fallback="error") as client:
-            client.io.run(client.swarm.refresh())
-            seen = {r.record.endpoint for uid in uids for r in client.swarm.replicas(uid)}
-            junk_ids = {r.peer_id for uid in uids for r in client.swarm.replicas(uid) if r.peer_id != honest}
-            client.wait_for_experts(timeout=30)
-            gen = torch.Generator().manual_seed(0)
-            for _ in range(5):  # each call must finish within its deadline, or raise
-                x = torch.randn(8, H, generator=gen)
-                experts = torch.stack([torch.randperm(TINY.num_experts, generator=gen)[:2] for _ in range(8)])
-                assert client.dispatch(x, experts, uids, torch.float32).complete
-            stats = client.dispatcher.stats
-            health = client.dispatcher.health
-            reachable = {p for p in junk_ids if health.get(p).reachable}
-            time.sleep(PROBE_TIMEOUT_S + 1)  # every probe has timed out by now
-            unreachable = {p for p in junk_ids if health.get(p).reachable is False}
+            attacker.store(uids[0], record(Identity.generate(), owner, endpoint), expires, subkey=owner)
     finally:
-        attacker.shutdown()
+        attacker.shutdown()  # what honest nodes accepted outlives it
+    # a reader that checks signatures only: what the honest nodes hold, valid or not
+    reader = DHT(
+        initial_peers=swarm.initial_peers,
+        start=True,
+        client_mode=True,
+        record_validators=[RSASignatureValidator(RSAPrivateKey())],
+    )
+    try:
+        held = reader.get(uids[0], latest=True)
+        stored = {v.value["endpoint"] for v in held.value.values()} if held is not None else set()
+    finally:
+        reader.shutdown()
+    assert tarpit in stored and "127.0.0.1:1" in stored and not stored & set(REFUSED)
+    with SwarmClient(swarm.initial_peers, uids, timeout=DEADLINE_S, fallback="error") as client:
+        client.io.run(client.swarm.refresh())
+        seen = {r.record.endpoint for uid in uids for r in client.swarm.replicas(uid)}
+        junk_ids = {r.peer_id for uid in uids for r in client.swarm.replicas(uid) if r.peer_id != honest}
+        client.wait_for_experts(timeout=30)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(5):  # each call must finish within its deadline, or raise
+            x = torch.randn(8, H, generator=gen)
+            experts = torch.stack([torch.randperm(TINY.num_experts, generator=gen)[:2] for _ in range(8)])
+            assert client.dispatch(x, experts, uids, torch.float32).complete
+        stats = client.dispatcher.stats
+        health = client.dispatcher.health
+        reachable = {p for p in junk_ids if health.get(p).reachable}
+        time.sleep(PROBE_TIMEOUT_S + 1)  # every probe has timed out by now
+        unreachable = {p for p in junk_ids if health.get(p).reachable is False}
     assert len(junk_ids) >= JUNK_IDENTITIES // 2, "the junk records reached the coordinator's view"
     assert tarpit in seen and not any(e.startswith(("unix", "dns")) for e in seen)
     assert set(stats.rpcs_by_peer) == {honest}  # no real work went to a junk identity

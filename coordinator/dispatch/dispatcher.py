@@ -10,8 +10,10 @@ the peer's observed p95 gets a hedged duplicate on another replica (first answer
 other is cancelled). Experts that no replica answers in time get the fallback policy
 (reroute / drop / error), and every (token, slot) is counted exact, rerouted or dropped.
 
-The parts: plan (replica choice), exchange (one RPC), layer_call (a round of RPCs under one
-deadline), verify (receipts, spot checks), fallback, result and stats.
+The parts: plan (replica choice, believing claims as far as observed), probe (reachability
+of replicas not heard from), exchange (one RPC), layer_call (a round of RPCs under one
+deadline), verify (receipts and what they commit to), spot (spot checks that decide), trust
+(bans and verified history across runs), referee (local recomputation), fallback, result and stats.
 """
 
 from __future__ import annotations

@@ -75,16 +75,26 @@ class TrustStore:
 
     # ---- recording ------------------------------------------------------------------------
     def agreed(self, peer: str) -> None:
-        self.peers.setdefault(peer, PeerTrust()).agreed += 1
-        self.changed = True
+        self._entry(peer).agreed += 1
 
     def disputed(self, peer: str) -> None:
-        self.peers.setdefault(peer, PeerTrust()).disputed += 1
+        self._entry(peer).disputed += 1
+
+    def _entry(self, peer: str) -> PeerTrust:
+        if peer not in self.peers and len(self.peers) >= 2 * MAX_PEERS:
+            self._prune()  # in memory too: throwaway identities cannot grow it without bound
         self.changed = True
+        return self.peers.setdefault(peer, PeerTrust())
+
+    def _prune(self) -> None:
+        """Keep MAX_PEERS entries: bans in force first, then the longest histories."""
+        now = self.clock()
+        ranked = sorted(self.peers.items(), key=lambda kv: (kv[1].banned_until <= now, -kv[1].agreed))
+        self.peers = dict(ranked[:MAX_PEERS])
 
     def convict(self, peer: str, ban_s: float, evidence: dict) -> None:
         """A proven-wrong answer: ban `peer`, keep the evidence, write the store now."""
-        entry = self.peers.setdefault(peer, PeerTrust())
+        entry = self._entry(peer)
         entry.convicted += 1
         entry.banned_until = max(entry.banned_until, self.clock() + ban_s)
         self.changed = True
@@ -97,9 +107,7 @@ class TrustStore:
         if self.path is None or not self.changed:
             return
         self.changed = False
-        now = self.clock()
-        ranked = sorted(self.peers.items(), key=lambda kv: (kv[1].banned_until <= now, -kv[1].agreed))
-        self.peers = dict(ranked[:MAX_PEERS])
+        self._prune()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, {"format": FORMAT, "peers": {p: asdict(e) for p, e in self.peers.items()}})
