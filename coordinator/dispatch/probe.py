@@ -68,9 +68,9 @@ class Prober:
     async def _call(self, replica: Replica) -> None:
         record = replica.record
         if self.sessions is not None:
-            await self.sessions.get(record.endpoint, record.kx, PROBE_TIMEOUT_S)
+            await self.sessions.get(record.route, record.kx, PROBE_TIMEOUT_S, record.reach)
         else:
-            await self.channels.stub(record.endpoint).Info(pb.InfoRequest(), timeout=PROBE_TIMEOUT_S)
+            await self.channels.stub(record.route, record.reach).Info(pb.InfoRequest(), timeout=PROBE_TIMEOUT_S)
 
     async def stop(self) -> None:
         tasks = list(self._running.values())

@@ -104,7 +104,7 @@ class SwarmView:
                 except (ValueError, KeyError, TypeError) as e:
                     self._warn_once(peer_id, f"ignoring malformed record of peer {peer_id} for {uid}: {e}")
                     continue
-                if not self.local and is_local_host(parse_endpoint(record.endpoint)[0]):
+                if not self.local and record.reach is None and is_local_host(parse_endpoint(record.endpoint)[0]):
                     self._warn_once(peer_id, f"ignoring peer {record.peer_id}: a local endpoint in a public swarm")
                     continue
                 # the DHT's validators checked the owner's signature and the identity's binding
