@@ -1,10 +1,12 @@
-"""A peer or bootstrap node killed with SIGKILL (what the OOM killer does) leaves nothing
-behind: its forked DHT process, that process's p2pd and torch_shm_manager die with it."""
+"""A peer, bootstrap node or coordinator killed with SIGKILL (what the OOM killer does) leaves
+nothing behind: its forked DHT process, that process's p2pd and torch_shm_manager die with it."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -44,3 +46,30 @@ def test_sigkilled_peer_and_bootstrap_leave_no_descendants(tmp_path, tiny_checkp
             names, alive = kill_leader_and_wait(proc.pid)
             assert "p2pd" in names and "python" in names  # the DHT child and its daemon were there
             assert not alive, f"{proc.name} left {alive}"
+
+
+# a coordinator: a SwarmClient started from a worker thread (the DHT child's parent thread ends)
+COORDINATOR = """
+import sys, threading, time
+from coordinator.client import SwarmClient
+box = []
+t = threading.Thread(target=lambda: box.append(SwarmClient(sys.argv[1:], [])))
+t.start(); t.join()
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkilled_coordinator_leaves_no_descendants(swarm):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", COORDINATOR, *swarm.initial_peers], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        time.sleep(1)  # the worker thread that forked the DHT child is gone: the child stays up
+        names, alive = kill_leader_and_wait(proc.pid)
+        assert "p2pd" in names and "python" in names
+        assert not alive, f"the coordinator left {alive}"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -60,6 +60,13 @@ def client_address(peer: str) -> str:
     return peer
 
 
+def caller_address(context: object) -> str:
+    """The caller's address from a gRPC context, or from another transport's context that
+    names its caller with peer() the same way; "" (one shared budget) when it names none."""
+    peer = getattr(context, "peer", None)
+    return client_address(peer()) if callable(peer) else ""
+
+
 class CallGate:
     """Calls in progress per client address, bounded."""
 

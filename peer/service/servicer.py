@@ -36,7 +36,7 @@ from ..hellos import HelloRefused
 from ..sessions import Session
 from . import steps
 from .errors import UNPARSABLE, RequestError
-from .gate import ADDRESS_SHARE, CallBudget, CallGate, client_address
+from .gate import ADDRESS_SHARE, CallBudget, CallGate, caller_address, client_address
 from .settings import Access, Batching, ServiceLimits
 from .stream import StreamHandler
 
@@ -228,7 +228,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         """Many Forwards on one stream, answered as they complete; refusals are answers too."""
         address = client_address(context.peer())
         release = functools.partial(self.release, address)
-        stream = StreamHandler(self.serve_request, release, address, self.limits.max_stream_requests)
+        stream = StreamHandler(self.serve_request, address, self.limits.max_stream_requests, release)
         async with contextlib.aclosing(stream.run(requests)) as replies:
             async for reply in replies:
                 yield reply
@@ -241,7 +241,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         hello = envelope.Hello(
             request.client_identity, request.client_ephemeral, request.timestamp_ms, request.signature
         )
-        access, address = self.access, client_address(context.peer())
+        access, address = self.access, caller_address(context)
         try:
             envelope.precheck_hello(hello)
             if access.allow_clients is not None and request.client_identity not in access.allow_clients:

@@ -16,7 +16,7 @@ from .errors import UNPARSABLE, RequestError
 MAX_STREAM_BUDGET_S = 600.0  # a streamed request's deadline is capped: no work waits longer
 
 # serve_request(request, address, deadline, held): one Forward's answer, or RequestError; `held` gets its rows
-ServeRequest = Callable[[pb.ForwardRequest, str, float | None, list[int]], Awaitable[pb.ForwardResponse]]
+ServeRequest = Callable[[pb.ForwardRequest, str, float | None, list[int] | None], Awaitable[pb.ForwardResponse]]
 
 
 def stream_deadline(request: pb.ForwardRequest, now: float | None = None) -> float | None:
@@ -38,7 +38,15 @@ class StreamHandler:
     reading until answers are written. So a client that never reads its answers pins at most
     2 x `max_requests` of them, and an answer's rows stay in the peer's load until written."""
 
-    def __init__(self, serve_request: ServeRequest, release: Callable[[int], None], client: str, max_requests: int):
+    def __init__(
+        self,
+        serve_request: ServeRequest,
+        client: str,
+        max_requests: int,
+        release: Callable[[int], None] | None = None,
+    ) -> None:
+        """`release(rows)`: called once an answer is written, for the rows serve_request held for
+        it; without it, serve_request releases them when it returns."""
         self.serve_request = serve_request
         self.release = release
         self.client = client
@@ -56,7 +64,7 @@ class StreamHandler:
                 try:
                     yield reply  # returns once gRPC took the message: written, or flow control let it go
                 finally:
-                    self.release(rows)
+                    self._release(rows)
                     self._done()
             await reader  # surfaces a failed read (e.g. the stream broke)
         finally:
@@ -65,7 +73,11 @@ class StreamHandler:
                 task.cancel()
             while not self.replies.empty():  # answers never written leave the load too
                 if (item := self.replies.get_nowait()) is not None:
-                    self.release(item[1])
+                    self._release(item[1])
+
+    def _release(self, rows: int) -> None:
+        if self.release is not None and rows:
+            self.release(rows)
 
     def _done(self) -> None:
         self.pending -= 1
@@ -76,10 +88,10 @@ class StreamHandler:
         self.replies.put_nowait((pb.ForwardResponse(request_id=request_id, refusal=refusal), 0))
 
     async def _one(self, request: pb.ForwardRequest) -> None:
-        held: list[int] = []
+        held: list[int] | None = [] if self.release is not None else None
         try:
             reply = await self.serve_request(request, self.client, stream_deadline(request), held)
-            self.replies.put_nowait((reply, sum(held)))
+            self.replies.put_nowait((reply, sum(held or ())))
         except RequestError as e:
             self.refuse(request.request_id, e.code, str(e))
         except asyncio.CancelledError:

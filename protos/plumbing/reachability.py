@@ -6,7 +6,8 @@ its endpoint, so a NATed or mis-addressed peer is told what to fix instead of pu
 dead address. Handlers run inside the DHT process (hivemind's `run_coroutine`).
 
 The dial-back is not a port scanner for hire: a node dials only the address it sees the
-requester's libp2p connection come from (a host name must resolve to it), DIALS_PER_S per
+requester's libp2p connection come from (a host name must resolve to it; a requester on this
+very machine may name any address of it: multi-homed hosts, local swarms), DIALS_PER_S per
 requesting address (bursts of DIAL_BURST) and DIAL_CONCURRENCY at once, and it answers
 yes or no with one of a few fixed reasons, never an error text of its own.
 """
@@ -53,20 +54,39 @@ async def _observed_host(p2p: object, peer_id: object) -> str | None:
     return None
 
 
-async def _resolves_to(host: str, observed: str) -> bool:
+async def _resolve(host: str, observed: str) -> str | None:
+    """The address to dial for `host`: itself when it is the requester's, else the first of its
+    resolved addresses that is; None when none is."""
     try:
-        return ipaddress.ip_address(host) == ipaddress.ip_address(observed)
-    except ValueError:  # a host name: it must resolve to the observed address
+        return host if _same_host(host, observed) else None
+    except ValueError:  # a host name: it must resolve to one of the requester's addresses
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except OSError:
-            return False
-        return any(ipaddress.ip_address(i[4][0]) == ipaddress.ip_address(observed) for i in infos)
+            return None
+        return next((i[4][0] for i in infos if _same_host(i[4][0], observed)), None)
+
+
+def _is_local(ip: str) -> bool:
+    """Whether `ip` is an address of this machine (one can bind to it)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _same_host(ip: str, observed: str) -> bool:
+    """`ip` is the requester's: its observed address, or, for a requester on this very machine
+    (a multi-homed host, a local swarm), another address of this machine."""
+    return ipaddress.ip_address(ip) == ipaddress.ip_address(observed) or (_is_local(observed) and _is_local(ip))
 
 
 def _other_ip(host: str, observed: str) -> bool:
     try:
-        return ipaddress.ip_address(host) != ipaddress.ip_address(observed)
+        return not _same_host(host, observed)
     except ValueError:
         return False  # a host name: resolved once the rate allows
 
@@ -97,10 +117,10 @@ async def _dial(p2p: object, request: pb.ReachabilityRequest, context: object) -
             return pb.ReachabilityReply(reachable=False, detail=NOT_YOURS)
         if not _may_dial(observed):
             return pb.ReachabilityReply(reachable=False, detail=BUSY)
-        if not await _resolves_to(host, observed):
+        if (target := await _resolve(host, observed)) is None:
             return pb.ReachabilityReply(reachable=False, detail=NOT_YOURS)
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(observed, int(port)), DIAL_TIMEOUT_S)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(target, int(port)), DIAL_TIMEOUT_S)
         except (OSError, TimeoutError):
             return pb.ReachabilityReply(reachable=False, detail=CLOSED)
         writer.close()
