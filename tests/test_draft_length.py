@@ -58,3 +58,19 @@ def test_a_draft_that_comes_back_is_picked_up_by_a_probe():
     assert c.best() == 0
     lengths = feed(c, 60, accept=1.0, cost_ms=lambda n: 50.0)
     assert lengths[-1] > 0
+
+
+def test_speculate_flags_are_checked_before_anything_starts(tmp_path):
+    from coordinator.cli import build_parser
+    from coordinator.speculate.options import check_speculate_args
+
+    def args(*extra: str):
+        return build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--initial-peers", "x", *extra])
+
+    check_speculate_args(args("--speculate", "lookup"))
+    with pytest.raises(ValueError, match="needs --draft-model"):
+        check_speculate_args(args("--speculate", "draft-model"))
+    with pytest.raises(ValueError, match="no config.json"):
+        check_speculate_args(args("--speculate", "draft-model", "--draft-model", str(tmp_path)))
+    with pytest.raises(ValueError, match="--max-draft must be in"):
+        check_speculate_args(args("--speculate", "trunk", "--max-draft", "0"))
