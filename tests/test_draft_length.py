@@ -74,3 +74,12 @@ def test_speculate_flags_are_checked_before_anything_starts(tmp_path):
         check_speculate_args(args("--speculate", "draft-model", "--draft-model", str(tmp_path)))
     with pytest.raises(ValueError, match="--max-draft must be in"):
         check_speculate_args(args("--speculate", "trunk", "--max-draft", "0"))
+
+
+def test_a_longer_pass_never_looks_cheaper_than_a_shorter_one():
+    """On a busy machine a 2-token pass may be timed faster than a 1-token one; a wrong draft must still go off."""
+    c = DraftLength(max_tokens=6)
+    noisy = iter([60.0, 40.0] * 50)
+    feed(c, 40, accept=0.0, cost_ms=lambda n: next(noisy))
+    assert c.costs.verify(2, c.slope_prior) >= c.costs.verify(1, c.slope_prior)
+    assert c.best() == 0

@@ -42,18 +42,25 @@ class PassCosts:
 
     def verify(self, tokens: int, slope_prior: float) -> float | None:
         """c(tokens): measured if seen, else extrapolated from the nearest measured length below
-        with the steepest slope seen (or `slope_prior` x c(1) per token); None before any pass."""
-        if tokens in self.verify_ms:
-            return self.verify_ms[tokens]
+        with the steepest slope seen (or `slope_prior` x c(1) per token); never less than c of a
+        shorter pass (more tokens are never less work: a noisy cheap reading must not make a
+        longer pass look free). None before any pass."""
         if not self.verify_ms:
             return None
         seen = sorted(self.verify_ms)
-        base_n = max((n for n in seen if n < tokens), default=seen[0])
-        base = self.verify_ms[base_n]
-        slopes = [(self.verify_ms[b] - self.verify_ms[a]) / (b - a) for a, b in itertools.pairwise(seen) if b > a]
-        c1 = self.verify_ms.get(1, base)
+        slopes = [(self.verify_ms[b] - self.verify_ms[a]) / (b - a) for a, b in itertools.pairwise(seen)]
+        c1 = self.verify_ms.get(1, self.verify_ms[seen[0]])
         slope = max([slope_prior * c1, *slopes])
-        return base + slope * (tokens - base_n)
+        cost = None
+        for n in range(1, tokens + 1):
+            if n in self.verify_ms:
+                here = self.verify_ms[n]
+            elif cost is not None:
+                here = cost + slope
+            else:  # below the shortest pass measured: extrapolate down from it
+                here = max(self.verify_ms[seen[0]] - slope * (seen[0] - n), 1e-3)
+            cost = here if cost is None else max(cost, here)
+        return cost
 
     def draft(self, tokens: int) -> float:
         if tokens <= 0:
