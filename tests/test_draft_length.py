@@ -70,7 +70,7 @@ def test_speculate_flags_are_checked_before_anything_starts(tmp_path):
     check_speculate_args(args("--speculate", "lookup"))
     with pytest.raises(ValueError, match="needs --draft-model"):
         check_speculate_args(args("--speculate", "draft-model"))
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         check_speculate_args(args("--speculate", "draft-model", "--draft-model", str(tmp_path)))
     with pytest.raises(ValueError, match="--max-draft must be in"):
         check_speculate_args(args("--speculate", "trunk", "--max-draft", "0"))
