@@ -19,6 +19,11 @@ import torch
 
 from .backends.base import ExpertBackend
 
+# A CPU batch expected (from the measured ms per row) to compute within this runs on the event
+# loop's own thread: a decode step's GEMMs then cost less than the executor round trip's two
+# thread wake-ups, and the loop is held no longer than a wake-up would take anyway.
+INLINE_MAX_MS = 0.1
+
 
 class DeadlineMissed(Exception):
     pass
@@ -66,6 +71,13 @@ def merged_forward(
     return outs
 
 
+def _timed_forward(experts: ExpertBackend, items: Sequence[tuple[torch.Tensor, list]]) -> tuple[list, float]:
+    """merged_forward and its own duration (without any thread hop around it)."""
+    started = time.perf_counter()
+    outs = merged_forward(experts, items)
+    return outs, (time.perf_counter() - started) * 1e3
+
+
 class MicroBatcher:
     def __init__(
         self, experts: ExpertBackend, executor: Executor, max_batch_rows: int = 4096, max_wait_ms: float = 0.0
@@ -79,6 +91,7 @@ class MicroBatcher:
         self.on_batch: Callable[[int, int, float], None] | None = None  # (rows, requests, compute ms): metrics
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task | None = None
+        self._ms_per_row: float | None = None  # measured, for the inline decision
 
     async def submit(
         self, x: torch.Tensor, segments: list[tuple[str, int]], deadline: float | None
@@ -129,16 +142,19 @@ class MicroBatcher:
             if not live:
                 continue
             started = time.perf_counter()
+            items = [(j.x, j.segments) for j in live]
             try:
-                outs = await loop.run_in_executor(
-                    self.executor, merged_forward, self.experts, [(j.x, j.segments) for j in live]
-                )
+                if self._inline(live):  # a decode step's few rows: a thread hop would cost more than the GEMMs
+                    outs, own_ms = _timed_forward(self.experts, items)
+                else:
+                    outs, own_ms = await loop.run_in_executor(self.executor, _timed_forward, self.experts, items)
             except Exception as e:  # the batch failed: every request in it gets the error
                 for job in live:
                     if not job.future.done():
                         job.future.set_exception(e)
                 continue
             compute_ms = (time.perf_counter() - started) * 1e3
+            self._learn(sum(j.rows for j in live), own_ms)
             self.batches += 1
             self.batched_requests += len(live)
             if self.on_batch is not None:
@@ -146,6 +162,18 @@ class MicroBatcher:
             for job, out in zip(live, outs, strict=True):
                 if not job.future.done():
                     job.future.set_result((out, (started - job.enqueued) * 1e3, compute_ms))
+
+    def _inline(self, live: list[Job]) -> bool:
+        """Compute on the event loop's thread: a CPU batch expected to take under INLINE_MAX_MS."""
+        device = getattr(self.experts, "device", None)
+        if device is None or device.type != "cpu" or self._ms_per_row is None:
+            return False
+        return sum(j.rows for j in live) * self._ms_per_row <= INLINE_MAX_MS
+
+    def _learn(self, rows: int, compute_ms: float) -> None:
+        per_row = compute_ms / max(rows, 1)
+        old = self._ms_per_row
+        self._ms_per_row = per_row if old is None else 0.9 * old + 0.1 * per_row
 
     def cancel(self) -> None:
         if self._task is not None:

@@ -58,3 +58,28 @@ def test_a_draft_that_comes_back_is_picked_up_by_a_probe():
     assert c.best() == 0
     lengths = feed(c, 60, accept=1.0, cost_ms=lambda n: 50.0)
     assert lengths[-1] > 0
+
+
+def test_speculate_flags_are_checked_before_anything_starts(tmp_path):
+    from coordinator.cli import build_parser
+    from coordinator.speculate.options import check_speculate_args
+
+    def args(*extra: str):
+        return build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--initial-peers", "x", *extra])
+
+    check_speculate_args(args("--speculate", "lookup"))
+    with pytest.raises(ValueError, match="needs --draft-model"):
+        check_speculate_args(args("--speculate", "draft-model"))
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        check_speculate_args(args("--speculate", "draft-model", "--draft-model", str(tmp_path)))
+    with pytest.raises(ValueError, match="--max-draft must be in"):
+        check_speculate_args(args("--speculate", "trunk", "--max-draft", "0"))
+
+
+def test_a_longer_pass_never_looks_cheaper_than_a_shorter_one():
+    """On a busy machine a 2-token pass may be timed faster than a 1-token one; a wrong draft must still go off."""
+    c = DraftLength(max_tokens=6)
+    noisy = iter([60.0, 40.0] * 50)
+    feed(c, 40, accept=0.0, cost_ms=lambda n: next(noisy))
+    assert c.costs.verify(2, c.slope_prior) >= c.costs.verify(1, c.slope_prior)
+    assert c.best() == 0

@@ -57,9 +57,10 @@ def test_greedy_output_is_identical_with_every_draft(target, trained, kind):
     # a fixed length makes every pass verify several drafted tokens, accepted or not
     run = speculative_generate(model, ids, draft, NEW_TOKENS, controller=FixedLength(max_tokens=4))
     assert run.output_ids.tolist() == want.tolist()
-    assert run.stats.accepted > 0  # accepted drafts took the multi-token path (cache crop included)
-    assert run.stats.passes < NEW_TOKENS  # fewer passes than tokens: speculation did something
-    assert run.stats.drafted > run.stats.accepted  # and rejections were exercised too
+    assert run.stats.drafted > run.stats.accepted  # passes verified drafted tokens, and rejected some
+    if kind != "trunk":  # the trunk alone (experts skipped) rarely agrees with this small model: see benchmarks.md
+        assert run.stats.accepted > 0  # accepted drafts took the multi-token path (cache crop included)
+        assert run.stats.passes < NEW_TOKENS  # fewer passes than tokens: speculation did something
     assert min(run.stats.peers_per_pass) >= 1 and max(run.stats.experts_per_pass) >= 2
 
 
@@ -96,13 +97,15 @@ class _WrongCandidates:
 
 
 def test_adaptive_length_falls_to_zero_against_a_wrong_draft(target):
-    model, ids, want = target
+    model, ids, _ = target
     controller = DraftLength(max_tokens=6)
+    longer = greedy(model, ids, 2 * NEW_TOKENS).output_ids
     run = speculative_generate(
-        model, ids, AlwaysWrong(want, model.config.vocab_size), NEW_TOKENS, controller=controller
+        model, ids, AlwaysWrong(longer, model.config.vocab_size), 2 * NEW_TOKENS, controller=controller
     )
-    assert run.output_ids.tolist() == want.tolist()
+    assert run.output_ids.tolist() == longer.tolist()
     assert run.stats.accepted == 0 and run.stats.drafted > 0
-    assert controller.best() == 0  # it would draft nothing now
-    late = run.stats.lengths[len(run.stats.lengths) // 2 :]
-    assert sum(1 for k in late if k > 0) <= 2  # the second half: plain decoding, a probe at most now and then
+    lengths = run.stats.lengths
+    assert controller.best() == 0, (lengths, controller)  # it would draft nothing now
+    late = lengths[len(lengths) // 2 :]
+    assert sum(1 for k in late if k > 0) <= 2, lengths  # the second half: plain decoding, a rare probe

@@ -93,11 +93,16 @@ def run(calls: int, rtt_ms: float, profile: int) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coordinator.bench.decode_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--rtt-ms", type=float, default=0.0, help="put the peer behind a delay link of this RTT")
     p.add_argument("--profile", type=int, default=0, help="print the N costliest functions of each thread")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.calls < 1 or args.rtt_ms < 0:
         p.error("--calls must be >= 1 and --rtt-ms >= 0")

@@ -42,18 +42,25 @@ class PassCosts:
 
     def verify(self, tokens: int, slope_prior: float) -> float | None:
         """c(tokens): measured if seen, else extrapolated from the nearest measured length below
-        with the steepest slope seen (or `slope_prior` x c(1) per token); None before any pass."""
-        if tokens in self.verify_ms:
-            return self.verify_ms[tokens]
+        with the steepest slope seen (or `slope_prior` x c(1) per token); never less than c of a
+        shorter pass (more tokens are never less work: a noisy cheap reading must not make a
+        longer pass look free). None before any pass."""
         if not self.verify_ms:
             return None
         seen = sorted(self.verify_ms)
-        base_n = max((n for n in seen if n < tokens), default=seen[0])
-        base = self.verify_ms[base_n]
-        slopes = [(self.verify_ms[b] - self.verify_ms[a]) / (b - a) for a, b in itertools.pairwise(seen) if b > a]
-        c1 = self.verify_ms.get(1, base)
+        slopes = [(self.verify_ms[b] - self.verify_ms[a]) / (b - a) for a, b in itertools.pairwise(seen)]
+        c1 = self.verify_ms.get(1, self.verify_ms[seen[0]])
         slope = max([slope_prior * c1, *slopes])
-        return base + slope * (tokens - base_n)
+        cost = None
+        for n in range(1, tokens + 1):
+            if n in self.verify_ms:
+                here = self.verify_ms[n]
+            elif cost is not None:
+                here = cost + slope
+            else:  # below the shortest pass measured: extrapolate down from it
+                here = max(self.verify_ms[seen[0]] - slope * (seen[0] - n), 1e-3)
+            cost = here if cost is None else max(cost, here)
+        return cost
 
     def draft(self, tokens: int) -> float:
         if tokens <= 0:
@@ -76,8 +83,8 @@ class DraftLength:
     max_tokens: int = 8
     margin: float = 0.05  # drafting must beat plain decoding by this fraction (noise in the measurements)
     slope_prior: float = 0.05  # before two lengths are measured, each extra token is assumed to cost 5% of c(1)
-    prior_accept: float = 0.5  # pseudo-counts: a neutral start that the first few passes overrule
-    prior_reject: float = 0.5
+    prior_accept: float = 0.25  # pseudo-counts: a neutral start that the first few passes overrule
+    prior_reject: float = 0.25
     decay: float = 0.95  # past passes fade: acceptance changes along a text
     probe_gap_max: int = 64
     costs: PassCosts = field(default_factory=PassCosts)

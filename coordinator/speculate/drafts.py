@@ -70,7 +70,7 @@ class _AssistedCandidates(AssistedCandidateGenerator):
 
 def _assisted(assistant: Any, setup: dict[str, Any]) -> _AssistedCandidates:
     assistant.generation_config.num_assistant_tokens_schedule = "constant"
-    assistant.generation_config.assistant_confidence_threshold = None
+    assistant.generation_config.assistant_confidence_threshold = 0.0  # None would be filled with the 0.4 default
     return _AssistedCandidates(
         input_ids=setup["input_ids"],
         assistant_model=assistant,
