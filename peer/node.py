@@ -256,7 +256,7 @@ class PeerNode:
     async def serve_relayed(self, why: str) -> None:
         """Serve through the swarm's relays (its initial peers) over libp2p, and say so."""
         self.relayed = RelayedService(self.servicer, [p for p in self.config.initial_peers if "/p2p/" in p])
-        reach = await self.relayed.start(self.config.host)
+        reach = await self.relayed.start()
         log.info("%s: serving through relay %s as libp2p peer %s", why, " ".join(reach.relays), reach.peer)
 
     async def serve_until_stopped(self) -> None:

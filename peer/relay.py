@@ -71,10 +71,10 @@ class RelayedService:
         self.bytes_in = 0  # frame bytes received and sent over relays
         self.bytes_out = 0
 
-    async def start(self, host: str) -> Reach:
+    async def start(self) -> Reach:
         if not self.relays:
             raise ConnectionError("no relay to serve through: --initial-peers names no /p2p/ multiaddr")
-        self.p2p = await start_relayed_node(self.relays, host)
+        self.p2p = await start_relayed_node(self.relays)
         await self.p2p.add_binary_stream_handler(OPEN, self._open)
         await self.p2p.add_binary_stream_handler(FORWARD, self._forward)
         await self._wait_for_relay()

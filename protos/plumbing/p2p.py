@@ -80,7 +80,7 @@ def relay_service(limits: RelayLimits | None) -> Iterator[None]:
         _extra_args.clear()
 
 
-async def start_relayed_node(relays: Sequence[str], host: str) -> P2P:
+async def start_relayed_node(relays: Sequence[str]) -> P2P:
     """A node behind NAT: reserves slots at `relays` (multiaddrs ending /p2p/<id>) and serves
     through them; it relays for nobody. AutoNAT and with it hole punching are off: a relayed
     peer stays relayed (what its record says), rather than sometimes upgrading to a direct
@@ -92,7 +92,8 @@ async def start_relayed_node(relays: Sequence[str], host: str) -> P2P:
         return await P2P.create(
             initial_peers=list(relays),
             trusted_relays=list(relays),
-            host_maddrs=[f"/ip4/{host}/tcp/0"],
+            host_maddrs=[],
+            no_listen=True,  # reached only through its relays: it has no address worth dialling
             use_relay=True,
             use_auto_relay=True,
             force_reachability="private",
