@@ -282,7 +282,10 @@ class PeerNode:
         await self.announcer.stop_refreshing()
         # readers stop choosing us while in-flight work finishes
         await self._leave_step(self.announcer.announce(), "announce that we are draining")
+        deadline = time.monotonic() + timeout
         await self.server.stop(grace=timeout)
+        while self.servicer.load and time.monotonic() < deadline:  # relayed requests still in flight
+            await asyncio.sleep(0.05)
         if await self._leave_step(self.announcer.withdraw(), "withdraw our records"):
             log.info("withdrawn from the DHT; served %d requests", self.servicer.served_requests)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from .service.servicer import ExpertServicer
 
 log = logging.getLogger("moe-peer")
-RESERVE_WAIT_S = 15.0  # how long start-up waits for a connection to a relay
+RESERVE_WAIT_S = 15.0  # how long start-up waits for a connection to a relay; also a hello's time limit
+MAX_STREAMS = 256  # relayed streams open at once, from everyone: more are closed unread
+StreamHandlerFn = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class _Aborted(Exception):
@@ -70,13 +72,14 @@ class RelayedService:
         self.requests = 0  # relayed Forward requests received
         self.bytes_in = 0  # frame bytes received and sent over relays
         self.bytes_out = 0
+        self.open_streams = 0
 
     async def start(self) -> Reach:
         if not self.relays:
             raise ConnectionError("no relay to serve through: --initial-peers names no /p2p/ multiaddr")
         self.p2p = await start_relayed_node(self.relays)
-        await self.p2p.add_binary_stream_handler(OPEN, self._open)
-        await self.p2p.add_binary_stream_handler(FORWARD, self._forward)
+        await self.p2p.add_binary_stream_handler(OPEN, self._bounded(self._open))
+        await self.p2p.add_binary_stream_handler(FORWARD, self._bounded(self._forward))
         await self._wait_for_relay()
         self.reach = Reach(self.p2p.peer_id.to_base58(), tuple(self.relays))
         return self.reach
@@ -142,6 +145,22 @@ class RelayedService:
                         await writer.drain()
             except (FrameError, ConnectionError, asyncio.IncompleteReadError) as e:
                 log.debug("relayed stream from %s ended: %s", client, e)
+
+    def _bounded(self, handler: StreamHandlerFn) -> StreamHandlerFn:
+        """`handler` for at most MAX_STREAMS streams at once: more are closed unread."""
+
+        async def run(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if self.open_streams >= MAX_STREAMS:
+                log.warning("%d relayed streams open: closing a new one unread", self.open_streams)
+                writer.close()
+                return
+            self.open_streams += 1
+            try:
+                await handler(info, reader, writer)
+            finally:
+                self.open_streams -= 1
+
+        return run
 
     async def close(self) -> None:
         if self.p2p is not None:
