@@ -55,6 +55,8 @@ class RelayLink:
         self.streams_opened = 0
 
     async def _node(self):  # -> hivemind P2P
+        if self._p2p is not None and not self._p2p.is_alive:  # its daemon died: start another
+            self._p2p = None
         if self._p2p is None:
             self._starting = self._starting or asyncio.Lock()
             async with self._starting:
@@ -63,16 +65,22 @@ class RelayLink:
         return self._p2p
 
     async def open(self, reach: Reach, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A stream to the relayed peer: dialled through its relays when not connected already."""
+        """A stream to the relayed peer, dialled through its relays when not connected already;
+        ConnectionError when neither works (the daemon's own errors are no concern of callers)."""
         from hivemind.p2p import PeerID
 
-        p2p = await self._node()
-        peer = PeerID.from_base58(reach.peer)
         try:
-            _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
-        except Exception:  # not connected (or the connection dropped): dial through the relays, once
-            await p2p._client.connect(peer, [circuit_addr(r) for r in reach.relays])
-            _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
+            p2p = await self._node()
+            peer = PeerID.from_base58(reach.peer)
+            try:
+                _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
+            except Exception:  # not connected (or the connection dropped): dial through the relays, once
+                await p2p._client.connect(peer, [circuit_addr(r) for r in reach.relays])
+                _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as e:
+            raise ConnectionError(f"no relay got through to {reach.peer[-8:]}: {str(e).strip()[:200]}") from None
         self.streams_opened += 1
         return reader, writer
 
