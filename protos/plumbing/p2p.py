@@ -6,6 +6,8 @@
 - A relay (bootstrap) node serves circuit relay v2 with explicit limits (RelayLimits); its
   reachability is forced public, or the relay service would wait for AutoNAT to confirm it.
 - A coordinator's node only dials (through relays or directly).
+
+Each daemon keeps hivemind's idle timeout: it exits once the process that started it is gone.
 """
 
 from __future__ import annotations
@@ -98,7 +100,6 @@ async def start_relayed_node(relays: Sequence[str]) -> P2P:
             use_auto_relay=True,
             force_reachability="private",
             dht_mode="client",
-            idle_timeout=0,
             auto_nat=False,
         )
 
@@ -109,6 +110,4 @@ async def start_dialing_node(host: str = "127.0.0.1") -> P2P:
 
     _install()
     with relay_service(None):
-        return await P2P.create(
-            host_maddrs=[f"/ip4/{host}/tcp/0"], use_relay=True, dht_mode="client", idle_timeout=0, auto_nat=False
-        )
+        return await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], use_relay=True, dht_mode="client", auto_nat=False)
