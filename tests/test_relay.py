@@ -178,12 +178,19 @@ def test_killing_a_relay_mid_generation_loses_nothing_silently(net, swarm, ckpt,
     extra = ["--tokens", "12", "--pause-at", "4", "--pause-file", str(pause), "--resume-file", str(resume)]
     popen = generate(net, ckpt, swarm.initial_peers, out, *extra, wait=False)
     deadline = time.monotonic() + 240
-    while not pause.exists():
+    while not pause.exists() or not pause.read_text():
         assert popen.poll() is None and time.monotonic() < deadline, popen.communicate()[0][-3000:]
         time.sleep(0.1)
-    swarm.stop(proc(swarm, "relay-1"), signal.SIGKILL)  # the home peer is still reserved at relay-2
+    in_use = json.loads(pause.read_text())  # the coordinator's connections to the home peer
+    relays = {proc(swarm, name).info["maddrs"][0]: name for name in ("relay-1", "relay-2")}
+    used = {name for maddr, name in relays.items() if any(a.startswith(maddr + "/p2p-circuit") for a in in_use)}
+    assert len(used) == 1, in_use  # relayed, through one of the two
+    (killed,) = used
+    swarm.stop(proc(swarm, killed), signal.SIGKILL)  # the home peer is still reserved at the other one
     resume.write_text("go")
     got = finish(popen, out)
+    other = next(maddr for maddr, name in relays.items() if name != killed)
+    assert got["via"] and all(a.startswith(other + "/p2p-circuit") for a in got["via"]), (got["via"], other)
     # every token-expert pair is accounted for; after the kill, calls still came back exact
     assert got["exact"] + got["rerouted"] + got["dropped"] == got["routed"]
     assert got["exact"] > got["exact_before_pause"]
