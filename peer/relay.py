@@ -69,9 +69,6 @@ class RelayedService:
         self.relays = list(relays)[:MAX_RELAYS]
         self.p2p: P2P | None = None
         self.reach: Reach | None = None  # how coordinators reach us, once started
-        self.requests = 0  # relayed Forward requests received
-        self.bytes_in = 0  # frame bytes received and sent over relays
-        self.bytes_out = 0
         self.open_streams = 0
 
     async def start(self) -> Reach:
@@ -116,17 +113,14 @@ class RelayedService:
     async def _requests(self, reader: asyncio.StreamReader) -> AsyncIterator[pb.ForwardRequest | None]:
         limit = self.servicer.limits.max_message_bytes
         while (data := await read_frame(reader, limit)) is not None:
-            self.bytes_in += len(data)
             try:
                 request = pb.ForwardRequest.FromString(data)
             except DecodeError:
                 request = None
-            if request is not None and not request.cancel:
-                self.requests += 1
-                if self.metrics is not None:
-                    self.metrics.relayed_requests.inc()
             if self.metrics is not None:
                 self.metrics.relayed_bytes.labels("in").inc(len(data))
+                if request is not None and not request.cancel:
+                    self.metrics.relayed_requests.inc()
             yield request
 
     async def _forward(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -138,7 +132,6 @@ class RelayedService:
                 async with contextlib.aclosing(stream.run(self._requests(reader))) as replies:
                     async for reply in replies:
                         data = reply.SerializeToString()
-                        self.bytes_out += len(data)
                         if self.metrics is not None:
                             self.metrics.relayed_bytes.labels("out").inc(len(data))
                         write_frame(writer, data)
