@@ -1,11 +1,12 @@
 """Serving through circuit relays: the same ExpertService over libp2p streams, for a peer that
 nobody can dial (or one started with --relay always).
 
-The servicer's own logic answers: OPEN streams carry one SessionHello and get the servicer's
-OpenSession answer; FORWARD streams are a ForwardStream (the servicer's StreamHandler, so
-validation, admission, batching, sealing, receipts and refusals are the ones gRPC callers
-get). Frames are bounded by the peer's max message size before a byte is parsed
-(protos/reach.py); sealing above the transport keeps the relays blind.
+The servicer's own handlers answer: OPEN streams carry one SessionHello and get the
+servicer's OpenSession answer; FORWARD streams are the servicer's ForwardStream (so
+validation, admission, batching, sealing, receipts, refusals and per-client limits are the
+ones gRPC callers get; a relayed caller is named by its libp2p peer id). Frames are bounded
+by the peer's max message size before a byte is parsed (protos/reach.py); sealing above the
+transport keeps the relays blind.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from protos.reach import (
     write_frame,
 )
 
-from .service.stream import StreamHandler
-
 if TYPE_CHECKING:
     from hivemind.p2p import P2P
 
@@ -54,7 +53,17 @@ class _Aborted(Exception):
 
 
 class _Context:
-    """What the servicer's OpenSession needs of a gRPC context."""
+    """What the servicer's handlers need of a gRPC context, for a caller over libp2p: its name is
+    its libp2p peer id (per-client limits key on it as on a gRPC caller's address)."""
+
+    def __init__(self, remote: object) -> None:
+        self._peer = f"p2p:{remote}"
+
+    def peer(self) -> str:
+        return self._peer
+
+    def time_remaining(self) -> float | None:
+        return None  # each streamed request carries its own deadline
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Aborted(code, details)
@@ -101,7 +110,7 @@ class RelayedService:
                 except DecodeError:
                     hello = None
                 try:
-                    accept = await self.servicer.OpenSession(hello, _Context())
+                    accept = await self.servicer.OpenSession(hello, _Context(getattr(info, "peer_id", "?")))
                     reply = ACCEPTED + accept.SerializeToString()
                 except _Aborted as e:
                     reply = REFUSED + pb.Refusal(code=e.code.value[0], message=str(e)).SerializeToString()
@@ -124,12 +133,11 @@ class RelayedService:
             yield request
 
     async def _forward(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = f"p2p:{getattr(info, 'peer_id', '?')}"
-        servicer = self.servicer
-        stream = StreamHandler(servicer.serve_request, client, servicer.limits.max_stream_requests)
+        context = _Context(getattr(info, "peer_id", "?"))
         with contextlib.closing(writer):
             try:
-                async with contextlib.aclosing(stream.run(self._requests(reader))) as replies:
+                replies = self.servicer.ForwardStream(self._requests(reader), context)
+                async with contextlib.aclosing(replies):
                     async for reply in replies:
                         data = reply.SerializeToString()
                         if self.metrics is not None:
@@ -137,7 +145,7 @@ class RelayedService:
                         write_frame(writer, data)
                         await writer.drain()
             except (FrameError, ConnectionError, asyncio.IncompleteReadError) as e:
-                log.debug("relayed stream from %s ended: %s", client, e)
+                log.debug("relayed stream from %s ended: %s", context.peer(), e)
 
     def _bounded(self, handler: StreamHandlerFn) -> StreamHandlerFn:
         """`handler` for at most MAX_STREAMS streams at once: more are closed unread."""
