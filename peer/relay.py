@@ -167,3 +167,11 @@ class RelayedService:
         if self.p2p is not None:
             await self.p2p.shutdown()
             self.p2p = None
+
+
+async def serve_relayed(servicer: ExpertServicer, initial_peers: Sequence[str], why: str) -> RelayedService:
+    """Serve through the swarm's relays (its initial peers) over libp2p, and say why in the log."""
+    relayed = RelayedService(servicer, [p for p in initial_peers if "/p2p/" in p])
+    reach = await relayed.start()
+    log.info("%s: serving through relay %s as libp2p peer %s", why, " ".join(reach.relays), reach.peer)
+    return relayed
