@@ -55,7 +55,7 @@ def swarm(net, ckpt, tmp_path_factory):
         s.initial_peers = start_relay(s, net, "relay-1") + start_relay(s, net, "relay-2")
         s.netns.update({"direct": net.inet, "home": net.home})
         common = ["--model", str(ckpt), "--threads", "1", "--announce-period", "2", "--allow-plaintext"]
-        s.launch_peer("direct", *common, "--experts", DIRECT, "--host", netns.INET_COORD)
+        s.launch_peer("direct", *common, "--experts", DIRECT, "--host", netns.INET_HOME)
         s.launch_peer("home", *common, "--experts", HOME, "--host", netns.HOME_LAN, "--metrics-port", "0")
         for proc in s.processes[-2:]:
             s._wait_ready(proc)
@@ -161,7 +161,7 @@ def test_a_connection_reset_by_the_relays_limits_recovers(net, ckpt, local, tmp_
         s.initial_peers = start_relay(s, net, "tight", "--relay-data-limit", "40000")
         s.netns.update({"home-tight": net.home, "direct-tight": net.inet})
         common = ["--model", str(ckpt), "--threads", "1", "--announce-period", "2"]
-        s.launch_peer("direct-tight", *common, "--experts", DIRECT, "--host", netns.INET_COORD)
+        s.launch_peer("direct-tight", *common, "--experts", DIRECT, "--host", netns.INET_HOME)
         s.launch_peer("home-tight", *common, "--experts", HOME, "--host", netns.HOME_LAN)
         for p in s.processes[-2:]:
             s._wait_ready(p)
