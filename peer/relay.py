@@ -25,6 +25,7 @@ from protos.plumbing.p2p import start_relayed_node
 from protos.reach import (
     ACCEPTED,
     FORWARD,
+    INFO,
     MAX_HELLO_BYTES,
     MAX_RELAYS,
     OPEN,
@@ -86,6 +87,7 @@ class RelayedService:
         self.p2p = await start_relayed_node(self.relays)
         await self.p2p.add_binary_stream_handler(OPEN, self._bounded(self._open))
         await self.p2p.add_binary_stream_handler(FORWARD, self._bounded(self._forward))
+        await self.p2p.add_binary_stream_handler(INFO, self._bounded(self._info))
         await self._wait_for_relay()
         self.reach = Reach(self.p2p.peer_id.to_base58(), tuple(self.relays))
         return self.reach
@@ -118,6 +120,13 @@ class RelayedService:
                 await writer.drain()
             except (FrameError, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
                 return
+
+    async def _info(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer):
+            reply = await self.servicer.Info(pb.InfoRequest(), _Context(getattr(info, "peer_id", "?")))
+            with contextlib.suppress(ConnectionError):
+                write_frame(writer, reply.SerializeToString())
+                await writer.drain()
 
     async def _requests(self, reader: asyncio.StreamReader) -> AsyncIterator[pb.ForwardRequest | None]:
         limit = self.servicer.limits.max_message_bytes

@@ -46,6 +46,7 @@ async def hostile(reach: Reach) -> dict[str, object]:
             await RelayedStub(link, reach).OpenSession(pb.SessionHello(client_identity=b"x" * 32), timeout=30)
         except grpc.aio.AioRpcError as e:
             out["forged"] = e.code()
+        out["info"] = await RelayedStub(link, reach).Info(pb.InfoRequest(), timeout=30)
         return out
     finally:
         await link.close()
@@ -60,6 +61,7 @@ def test_hostile_streams_are_refused_and_the_peer_keeps_serving(relayed):
     assert pb.Refusal.FromString(out["hello"][1:]).code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert out["forged"] in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED)
     assert proc.alive()
+    assert [e.uid for e in out["info"].experts] == proc.info["experts"]  # Info over the relay, as over gRPC
     uids = proc.info["experts"]
     with SwarmClient(swarm.initial_peers, uids, timeout=20) as client:  # and it still serves, sealed
         client.wait_for_experts(timeout=60)

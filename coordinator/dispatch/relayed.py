@@ -1,7 +1,7 @@
 """Calls to relayed peers over libp2p, shaped like the gRPC stub's so that everything above the
 transport (streams, sessions, hedging, retries, bans) is the same code for both kinds of peer.
 
-A RelayedStub answers OpenSession and ForwardStream like pb_grpc.ExpertServiceStub, and fails
+A RelayedStub answers OpenSession, ForwardStream and Info like pb_grpc.ExpertServiceStub, and fails
 with the AioRpcError a gRPC call would have raised: UNAVAILABLE when no relay gets through, the
 peer's own status for its refusals.
 """
@@ -22,7 +22,9 @@ from protos.plumbing.p2p import start_dialing_node
 from protos.reach import (
     ACCEPTED,
     FORWARD,
+    INFO,
     MAX_HELLO_BYTES,
+    MAX_INFO_BYTES,
     OPEN,
     FrameError,
     Reach,
@@ -146,6 +148,22 @@ class RelayedStub:
 
     def ForwardStream(self, requests: AsyncIterator[pb.ForwardRequest]) -> RelayedCall:
         return RelayedCall(self.link, self.reach, requests, self.max_message_bytes)
+
+    async def Info(self, request: pb.InfoRequest, timeout: float) -> pb.InfoResponse:
+        try:
+            return await asyncio.wait_for(self._info(), timeout)
+        except TimeoutError:
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "relayed Info timed out") from None
+        except _LINK_ERRORS as e:
+            raise _unavailable(e) from None
+
+    async def _info(self) -> pb.InfoResponse:
+        reader, writer = await self.link.open(self.reach, INFO)
+        with contextlib.closing(writer):
+            data = await read_frame(reader, MAX_INFO_BYTES)
+        if data is None:
+            raise ConnectionError("the relayed peer closed the stream without answering")
+        return pb.InfoResponse.FromString(data)
 
     async def OpenSession(self, hello: pb.SessionHello, timeout: float) -> pb.SessionAccept:
         try:
