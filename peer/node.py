@@ -40,7 +40,7 @@ from .config import PeerConfig
 from .host import release_freed_memory, split_cpus
 from .metrics import PeerMetrics
 from .placement import better_placement, choose_experts
-from .relay import RelayedService
+from .relay import RelayedService, serve_relayed
 from .selfbench import cached_throughput
 from .service.server import start_server
 from .service.servicer import ExpertServicer
@@ -241,10 +241,13 @@ class PeerNode:
         """Refuse to announce an address other nodes cannot dial, saying what to change."""
         cfg = self.config
         if cfg.relay == "always":
-            return await self.serve_relayed("--relay always")
+            self.relayed = await serve_relayed(self.servicer, cfg.initial_peers, "--relay always")
+            return
         ok, detail = await check_reachable(self.dht, list(cfg.initial_peers), self.endpoint)
         if ok is False and cfg.relay == "auto":
-            return await self.serve_relayed(f"not directly reachable at {self.endpoint} ({detail})")
+            why = f"not directly reachable at {self.endpoint} ({detail})"
+            self.relayed = await serve_relayed(self.servicer, cfg.initial_peers, why)
+            return
         if ok is None:
             log.warning("could not verify that %s is reachable (%s); announcing anyway", self.endpoint, detail)
             return
@@ -260,12 +263,6 @@ class PeerNode:
                 f"coordinators to a dead address. To fix: {hint}; or serve through the swarm's relays "
                 "(--relay auto, slower). (--skip-reachability-check announces anyway.)"
             )
-
-    async def serve_relayed(self, why: str) -> None:
-        """Serve through the swarm's relays (its initial peers) over libp2p, and say so."""
-        self.relayed = RelayedService(self.servicer, [p for p in self.config.initial_peers if "/p2p/" in p])
-        reach = await self.relayed.start(self.config.host)
-        log.info("%s: serving through relay %s as libp2p peer %s", why, " ".join(reach.relays), reach.peer)
 
     async def serve_until_stopped(self) -> None:
         """Serve (re-placing now and then with --experts auto) until stop()."""
@@ -290,7 +287,10 @@ class PeerNode:
         await self.announcer.stop_refreshing()
         # readers stop choosing us while in-flight work finishes
         await self._leave_step(self.announcer.announce(), "announce that we are draining")
+        deadline = time.monotonic() + timeout
         await self.server.stop(grace=timeout)
+        while self.servicer.load and time.monotonic() < deadline:  # relayed requests still in flight
+            await asyncio.sleep(0.05)
         if await self._leave_step(self.announcer.withdraw(), "withdraw our records"):
             log.info("withdrawn from the DHT; served %d requests", self.servicer.served_requests)
 

@@ -1,11 +1,12 @@
 """Serving through circuit relays: the same ExpertService over libp2p streams, for a peer that
 nobody can dial (or one started with --relay always).
 
-The servicer's own logic answers: OPEN streams carry one SessionHello and get the servicer's
-OpenSession answer; FORWARD streams are a ForwardStream (the servicer's StreamHandler, so
-validation, admission, batching, sealing, receipts and refusals are the ones gRPC callers
-get). Frames are bounded by the peer's max message size before a byte is parsed
-(protos/reach.py); sealing above the transport keeps the relays blind.
+The servicer's own handlers answer: OPEN streams carry one SessionHello and get the
+servicer's OpenSession answer; FORWARD streams are the servicer's ForwardStream (so
+validation, admission, batching, sealing, receipts, refusals and per-client limits are the
+ones gRPC callers get; a relayed caller is named by its libp2p peer id). Frames are bounded
+by the peer's max message size before a byte is parsed (protos/reach.py); sealing above the
+transport keeps the relays blind.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -24,6 +25,7 @@ from protos.plumbing.p2p import start_relayed_node
 from protos.reach import (
     ACCEPTED,
     FORWARD,
+    INFO,
     MAX_HELLO_BYTES,
     MAX_RELAYS,
     OPEN,
@@ -34,15 +36,15 @@ from protos.reach import (
     write_frame,
 )
 
-from .service.stream import StreamHandler
-
 if TYPE_CHECKING:
     from hivemind.p2p import P2P
 
     from .service.servicer import ExpertServicer
 
 log = logging.getLogger("moe-peer")
-RESERVE_WAIT_S = 15.0  # how long start-up waits for a connection to a relay
+RESERVE_WAIT_S = 15.0  # how long start-up waits for a connection to a relay; also a hello's time limit
+MAX_STREAMS = 256  # relayed streams open at once, from everyone: more are closed unread
+StreamHandlerFn = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class _Aborted(Exception):
@@ -52,7 +54,17 @@ class _Aborted(Exception):
 
 
 class _Context:
-    """What the servicer's OpenSession needs of a gRPC context."""
+    """What the servicer's handlers need of a gRPC context, for a caller over libp2p: its name is
+    its libp2p peer id (per-client limits key on it as on a gRPC caller's address)."""
+
+    def __init__(self, remote: object) -> None:
+        self._peer = f"p2p:{remote}"
+
+    def peer(self) -> str:
+        return self._peer
+
+    def time_remaining(self) -> float | None:
+        return None  # each streamed request carries its own deadline
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Aborted(code, details)
@@ -67,16 +79,15 @@ class RelayedService:
         self.relays = list(relays)[:MAX_RELAYS]
         self.p2p: P2P | None = None
         self.reach: Reach | None = None  # how coordinators reach us, once started
-        self.requests = 0  # relayed Forward requests received
-        self.bytes_in = 0  # frame bytes received and sent over relays
-        self.bytes_out = 0
+        self.open_streams = 0
 
-    async def start(self, host: str) -> Reach:
+    async def start(self) -> Reach:
         if not self.relays:
             raise ConnectionError("no relay to serve through: --initial-peers names no /p2p/ multiaddr")
-        self.p2p = await start_relayed_node(self.relays, host)
-        await self.p2p.add_binary_stream_handler(OPEN, self._open)
-        await self.p2p.add_binary_stream_handler(FORWARD, self._forward)
+        self.p2p = await start_relayed_node(self.relays)
+        await self.p2p.add_binary_stream_handler(OPEN, self._bounded(self._open))
+        await self.p2p.add_binary_stream_handler(FORWARD, self._bounded(self._forward))
+        await self.p2p.add_binary_stream_handler(INFO, self._bounded(self._info))
         await self._wait_for_relay()
         self.reach = Reach(self.p2p.peer_id.to_base58(), tuple(self.relays))
         return self.reach
@@ -101,7 +112,7 @@ class RelayedService:
                 except DecodeError:
                     hello = None
                 try:
-                    accept = await self.servicer.OpenSession(hello, _Context())
+                    accept = await self.servicer.OpenSession(hello, _Context(getattr(info, "peer_id", "?")))
                     reply = ACCEPTED + accept.SerializeToString()
                 except _Aborted as e:
                     reply = REFUSED + pb.Refusal(code=e.code.value[0], message=str(e)).SerializeToString()
@@ -110,40 +121,66 @@ class RelayedService:
             except (FrameError, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
                 return
 
+    async def _info(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer):
+            reply = await self.servicer.Info(pb.InfoRequest(), _Context(getattr(info, "peer_id", "?")))
+            with contextlib.suppress(ConnectionError):
+                write_frame(writer, reply.SerializeToString())
+                await writer.drain()
+
     async def _requests(self, reader: asyncio.StreamReader) -> AsyncIterator[pb.ForwardRequest | None]:
         limit = self.servicer.limits.max_message_bytes
         while (data := await read_frame(reader, limit)) is not None:
-            self.bytes_in += len(data)
             try:
                 request = pb.ForwardRequest.FromString(data)
             except DecodeError:
                 request = None
-            if request is not None and not request.cancel:
-                self.requests += 1
-                if self.metrics is not None:
-                    self.metrics.relayed_requests.inc()
             if self.metrics is not None:
                 self.metrics.relayed_bytes.labels("in").inc(len(data))
+                if request is not None and not request.cancel:
+                    self.metrics.relayed_requests.inc()
             yield request
 
     async def _forward(self, info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = f"p2p:{getattr(info, 'peer_id', '?')}"
-        servicer = self.servicer
-        stream = StreamHandler(servicer.serve_request, client, servicer.limits.max_stream_requests)
+        context = _Context(getattr(info, "peer_id", "?"))
         with contextlib.closing(writer):
             try:
-                async with contextlib.aclosing(stream.run(self._requests(reader))) as replies:
+                replies = self.servicer.ForwardStream(self._requests(reader), context)
+                async with contextlib.aclosing(replies):
                     async for reply in replies:
                         data = reply.SerializeToString()
-                        self.bytes_out += len(data)
                         if self.metrics is not None:
                             self.metrics.relayed_bytes.labels("out").inc(len(data))
                         write_frame(writer, data)
                         await writer.drain()
             except (FrameError, ConnectionError, asyncio.IncompleteReadError) as e:
-                log.debug("relayed stream from %s ended: %s", client, e)
+                log.debug("relayed stream from %s ended: %s", context.peer(), e)
+
+    def _bounded(self, handler: StreamHandlerFn) -> StreamHandlerFn:
+        """`handler` for at most MAX_STREAMS streams at once: more are closed unread."""
+
+        async def run(info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if self.open_streams >= MAX_STREAMS:
+                log.warning("%d relayed streams open: closing a new one unread", self.open_streams)
+                writer.close()
+                return
+            self.open_streams += 1
+            try:
+                await handler(info, reader, writer)
+            finally:
+                self.open_streams -= 1
+
+        return run
 
     async def close(self) -> None:
         if self.p2p is not None:
             await self.p2p.shutdown()
             self.p2p = None
+
+
+async def serve_relayed(servicer: ExpertServicer, initial_peers: Sequence[str], why: str) -> RelayedService:
+    """Serve through the swarm's relays (its initial peers) over libp2p, and say why in the log."""
+    relayed = RelayedService(servicer, [p for p in initial_peers if "/p2p/" in p])
+    reach = await relayed.start()
+    log.info("%s: serving through relay %s as libp2p peer %s", why, " ".join(reach.relays), reach.peer)
+    return relayed

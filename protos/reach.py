@@ -2,8 +2,8 @@
 a reservation at. The optional `reach` part of a PeerRecord (protos/records.py); a record
 without it is reached at its gRPC endpoint.
 
-Over libp2p the peer serves the same ExpertService messages on two stream protocols (OPEN for
-a session hello, FORWARD for a ForwardStream), each message one frame: an 8-byte big-endian
+Over libp2p the peer serves the same ExpertService messages on stream protocols (OPEN for a
+session hello, FORWARD for a ForwardStream, INFO for Info), each message one frame: an 8-byte big-endian
 length, then the serialized protobuf. Requests and answers are sealed above this transport
 (protos/envelope.py), so a relay forwards ciphertext only.
 """
@@ -17,6 +17,8 @@ from typing import Any
 
 OPEN = "/moe-swarm/expert/open/1"
 FORWARD = "/moe-swarm/expert/forward/1"
+INFO = "/moe-swarm/expert/info/1"  # no request; one InfoResponse frame back
+MAX_INFO_BYTES = 1 << 20  # an InfoResponse lists the peer's experts: bounded by their count
 ACCEPTED, REFUSED = b"\x00", b"\x01"  # an OPEN answer: a SessionAccept, or a Refusal, after this byte
 MAX_RELAYS = 4  # relay addresses one record may name
 MAX_MADDR_LEN = 200  # one relay's multiaddr: /ip4|ip6|dns/<host>/tcp|udp/<port>/.../p2p/<peer id>

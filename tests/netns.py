@@ -1,7 +1,8 @@
 """A small internet made of Linux network namespaces, for tests of relayed peers.
 
-    inet   the internet: bootstrap/relay nodes and directly reachable peers
-           10.77.1.1 (towards home), 10.77.2.1 (towards the coordinator); it forwards nothing
+    inet   the internet: bootstrap/relay nodes and directly reachable peers, all on 10.77.1.1
+           (its address towards home; 10.77.2.1 faces the coordinator; both reach either, as
+           addresses of the namespace itself); it forwards nothing
     home   a peer behind NAT: it dials out from 10.77.1.2, but serves on its LAN address
            10.77.9.2, to which nobody outside has a route (what a home router's NAT does)
     coord  a coordinator: 10.77.2.2; it reaches the internet, never home

@@ -4,8 +4,9 @@ local checkpoint through the swarm, its tokens, logits and dispatch counts writt
     python -m tests.netns_generate CKPT OUT --initial-peers MADDR... [--tokens N]
         [--pause-at K --pause-file P --resume-file R] [--plaintext] [--timeout S]
 
-With --pause-at it generates K tokens, writes the pause file, waits for the resume file (the
-test changes the network meanwhile, e.g. kills a relay), then generates the rest.
+With --pause-at it generates K tokens, writes the pause file (the relayed connections in use,
+as JSON), waits for the resume file (the test changes the network meanwhile, e.g. kills the
+relay in use), then generates the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ PROMPT = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed
 def _generate(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     with torch.inference_mode():
         return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+
+
+def relayed_via(client: SwarmClient) -> list[str]:
+    """The addresses the coordinator's libp2p node is connected to relayed peers at."""
+    link = client.channels.link
+    reaches = {r.record.reach for rs in client.swarm.snapshot().values() for r in rs if r.record.reach is not None}
+    if link is None:
+        return []
+    return sorted(a for reach in reaches for a in client.io.run(link.connections(reach)))
 
 
 def probe(client: SwarmClient, uids: list[str], out: Path) -> None:
@@ -74,7 +84,8 @@ def main() -> None:
         if args.pause_at:
             ids = _generate(model, ids, args.pause_at)
             exact_before = client.dispatcher.stats.exact
-            args.pause_file.write_text("paused")
+            via_before = relayed_via(client)
+            args.pause_file.write_text(json.dumps(via_before))  # the test may cut the relay in use
             while not args.resume_file.exists():
                 time.sleep(0.05)
         ids = _generate(model, ids, args.tokens - args.pause_at)
@@ -87,6 +98,8 @@ def main() -> None:
             "rerouted": stats.rerouted,
             "dropped": stats.dropped,
             "exact_before_pause": exact_before if args.pause_at else None,
+            "via_before_pause": via_before if args.pause_at else None,
+            "via": relayed_via(client),
             "rpcs": stats.rpcs,
             "relay_streams": client.channels.link.streams_opened if client.channels.link else 0,
         }

@@ -67,3 +67,17 @@ def test_layer_bench_refuses_zero_rounds():
     )
     assert result.returncode != 0
     assert "--rounds" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_relayed_layer_bench_reports_direct_and_relayed_side_by_side(tmp_path):
+    out = tmp_path / "relayed.json"
+    argv = ["bench", "layer", "--relayed", "--hidden", "64", "--tokens", "8", "--repeats", "4", "--rounds", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "coordinator", *argv, "--json", str(out)], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["max_abs_diff_vs_local"] <= 1e-5
+    assert report["direct_ms"] > 0 and report["relayed_ms"] > 0 and report["relayed_1_token_ms"] > 0
+    # the relayed peer was reached through the relay, not over a direct libp2p connection
+    assert report["relayed_connection"] and all(a.endswith("/p2p-circuit") for a in report["relayed_connection"])

@@ -55,7 +55,7 @@ def swarm(net, ckpt, tmp_path_factory):
         s.initial_peers = start_relay(s, net, "relay-1") + start_relay(s, net, "relay-2")
         s.netns.update({"direct": net.inet, "home": net.home})
         common = ["--model", str(ckpt), "--threads", "1", "--announce-period", "2", "--allow-plaintext"]
-        s.launch_peer("direct", *common, "--experts", DIRECT, "--host", netns.INET_COORD)
+        s.launch_peer("direct", *common, "--experts", DIRECT, "--host", netns.INET_HOME)
         s.launch_peer("home", *common, "--experts", HOME, "--host", netns.HOME_LAN, "--metrics-port", "0")
         for proc in s.processes[-2:]:
             s._wait_ready(proc)
@@ -161,7 +161,7 @@ def test_a_connection_reset_by_the_relays_limits_recovers(net, ckpt, local, tmp_
         s.initial_peers = start_relay(s, net, "tight", "--relay-data-limit", "40000")
         s.netns.update({"home-tight": net.home, "direct-tight": net.inet})
         common = ["--model", str(ckpt), "--threads", "1", "--announce-period", "2"]
-        s.launch_peer("direct-tight", *common, "--experts", DIRECT, "--host", netns.INET_COORD)
+        s.launch_peer("direct-tight", *common, "--experts", DIRECT, "--host", netns.INET_HOME)
         s.launch_peer("home-tight", *common, "--experts", HOME, "--host", netns.HOME_LAN)
         for p in s.processes[-2:]:
             s._wait_ready(p)
@@ -178,12 +178,19 @@ def test_killing_a_relay_mid_generation_loses_nothing_silently(net, swarm, ckpt,
     extra = ["--tokens", "12", "--pause-at", "4", "--pause-file", str(pause), "--resume-file", str(resume)]
     popen = generate(net, ckpt, swarm.initial_peers, out, *extra, wait=False)
     deadline = time.monotonic() + 240
-    while not pause.exists():
+    while not pause.exists() or not pause.read_text():
         assert popen.poll() is None and time.monotonic() < deadline, popen.communicate()[0][-3000:]
         time.sleep(0.1)
-    swarm.stop(proc(swarm, "relay-1"), signal.SIGKILL)  # the home peer is still reserved at relay-2
+    in_use = json.loads(pause.read_text())  # the coordinator's connections to the home peer
+    relays = {proc(swarm, name).info["maddrs"][0]: name for name in ("relay-1", "relay-2")}
+    used = {name for maddr, name in relays.items() if any(a.startswith(maddr + "/p2p-circuit") for a in in_use)}
+    assert len(used) == 1, in_use  # relayed, through one of the two
+    (killed,) = used
+    swarm.stop(proc(swarm, killed), signal.SIGKILL)  # the home peer is still reserved at the other one
     resume.write_text("go")
     got = finish(popen, out)
+    other = next(maddr for maddr, name in relays.items() if name != killed)
+    assert got["via"] and all(a.startswith(other + "/p2p-circuit") for a in got["via"]), (got["via"], other)
     # every token-expert pair is accounted for; after the kill, calls still came back exact
     assert got["exact"] + got["rerouted"] + got["dropped"] == got["routed"]
     assert got["exact"] > got["exact_before_pause"]

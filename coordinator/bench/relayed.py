@@ -14,7 +14,15 @@ import statistics
 
 import torch
 
-from coordinator.bench.harness import WEIGHTS_SEED, hivemind_matched_ffn, layer_input, remote_layer, report, toy_swarm
+from coordinator.bench.harness import (
+    WEIGHTS_SEED,
+    hivemind_matched_ffn,
+    layer_input,
+    local_layer,
+    remote_layer,
+    report,
+    toy_swarm,
+)
 from coordinator.bench.timing import spread, summary, time_calls
 from coordinator.client import SwarmClient
 from protos import toy_model
@@ -39,10 +47,12 @@ def run_relayed_layer_bench(args: argparse.Namespace) -> dict:
             ),
         }
         layers = {}
-        for name, ckpt in (("direct", bench.ckpt), ("relayed", relayed_ckpt)):
+        ckpts = {"direct": bench.ckpt, "relayed": relayed_ckpt}
+        for name, ckpt in ckpts.items():
             clients[name].wait_for_experts()
             layers[name] = remote_layer(ckpt, clients[name])
         stack.enter_context(torch.inference_mode())
+        diff = max((layers[n](x) - local_layer(c)(x)).abs().max().item() for n, c in ckpts.items())
         times: dict[str, list[float]] = {"direct": [], "relayed": [], "direct_1": [], "relayed_1": []}
         for layer in layers.values():
             time_calls(lambda layer=layer: layer(x), 0)  # warm-up: connections, sessions
@@ -53,6 +63,7 @@ def run_relayed_layer_bench(args: argparse.Namespace) -> dict:
         compute = {n: statistics.median(c.dispatcher.stats.peer_compute_ms) for n, c in clients.items()}
         via = _connection(clients["relayed"])
     result = _result(args, ffn, times, compute)
+    result["max_abs_diff_vs_local"] = diff  # both swarm layers compute what the layer computes in-process
     result["relayed_connection"] = via  # the coordinator's libp2p connection: through the relay, not direct
     return report(result, args.json)
 

@@ -1,7 +1,7 @@
 """Calls to relayed peers over libp2p, shaped like the gRPC stub's so that everything above the
 transport (streams, sessions, hedging, retries, bans) is the same code for both kinds of peer.
 
-A RelayedStub answers OpenSession and ForwardStream like pb_grpc.ExpertServiceStub, and fails
+A RelayedStub answers OpenSession, ForwardStream and Info like pb_grpc.ExpertServiceStub, and fails
 with the AioRpcError a gRPC call would have raised: UNAVAILABLE when no relay gets through, the
 peer's own status for its refusals.
 """
@@ -22,7 +22,9 @@ from protos.plumbing.p2p import start_dialing_node
 from protos.reach import (
     ACCEPTED,
     FORWARD,
+    INFO,
     MAX_HELLO_BYTES,
+    MAX_INFO_BYTES,
     OPEN,
     FrameError,
     Reach,
@@ -55,6 +57,8 @@ class RelayLink:
         self.streams_opened = 0
 
     async def _node(self):  # -> hivemind P2P
+        if self._p2p is not None and not self._p2p.is_alive:  # its daemon died: start another
+            self._p2p = None
         if self._p2p is None:
             self._starting = self._starting or asyncio.Lock()
             async with self._starting:
@@ -63,16 +67,22 @@ class RelayLink:
         return self._p2p
 
     async def open(self, reach: Reach, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A stream to the relayed peer: dialled through its relays when not connected already."""
+        """A stream to the relayed peer, dialled through its relays when not connected already;
+        ConnectionError when neither works (the daemon's own errors are no concern of callers)."""
         from hivemind.p2p import PeerID
 
-        p2p = await self._node()
-        peer = PeerID.from_base58(reach.peer)
         try:
-            _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
-        except Exception:  # not connected (or the connection dropped): dial through the relays, once
-            await p2p._client.connect(peer, [circuit_addr(r) for r in reach.relays])
-            _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
+            p2p = await self._node()
+            peer = PeerID.from_base58(reach.peer)
+            try:
+                _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
+            except Exception:  # not connected (or the connection dropped): dial through the relays, once
+                await p2p._client.connect(peer, [circuit_addr(r) for r in reach.relays])
+                _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as e:
+            raise ConnectionError(f"no relay got through to {reach.peer[-8:]}: {str(e).strip()[:200]}") from None
         self.streams_opened += 1
         return reader, writer
 
@@ -138,6 +148,22 @@ class RelayedStub:
 
     def ForwardStream(self, requests: AsyncIterator[pb.ForwardRequest]) -> RelayedCall:
         return RelayedCall(self.link, self.reach, requests, self.max_message_bytes)
+
+    async def Info(self, request: pb.InfoRequest, timeout: float) -> pb.InfoResponse:
+        try:
+            return await asyncio.wait_for(self._info(), timeout)
+        except TimeoutError:
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "relayed Info timed out") from None
+        except _LINK_ERRORS as e:
+            raise _unavailable(e) from None
+
+    async def _info(self) -> pb.InfoResponse:
+        reader, writer = await self.link.open(self.reach, INFO)
+        with contextlib.closing(writer):
+            data = await read_frame(reader, MAX_INFO_BYTES)
+        if data is None:
+            raise ConnectionError("the relayed peer closed the stream without answering")
+        return pb.InfoResponse.FromString(data)
 
     async def OpenSession(self, hello: pb.SessionHello, timeout: float) -> pb.SessionAccept:
         try:

@@ -6,6 +6,8 @@
 - A relay (bootstrap) node serves circuit relay v2 with explicit limits (RelayLimits); its
   reachability is forced public, or the relay service would wait for AutoNAT to confirm it.
 - A coordinator's node only dials (through relays or directly).
+
+Each daemon keeps hivemind's idle timeout: it exits once the process that started it is gone.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def relay_service(limits: RelayLimits | None) -> Iterator[None]:
         _extra_args.clear()
 
 
-async def start_relayed_node(relays: Sequence[str], host: str) -> P2P:
+async def start_relayed_node(relays: Sequence[str]) -> P2P:
     """A node behind NAT: reserves slots at `relays` (multiaddrs ending /p2p/<id>) and serves
     through them; it relays for nobody. AutoNAT and with it hole punching are off: a relayed
     peer stays relayed (what its record says), rather than sometimes upgrading to a direct
@@ -92,12 +94,12 @@ async def start_relayed_node(relays: Sequence[str], host: str) -> P2P:
         return await P2P.create(
             initial_peers=list(relays),
             trusted_relays=list(relays),
-            host_maddrs=[f"/ip4/{host}/tcp/0"],
+            host_maddrs=[],
+            no_listen=True,  # reached only through its relays: it has no address worth dialling
             use_relay=True,
             use_auto_relay=True,
             force_reachability="private",
             dht_mode="client",
-            idle_timeout=0,
             auto_nat=False,
         )
 
@@ -108,6 +110,4 @@ async def start_dialing_node(host: str = "127.0.0.1") -> P2P:
 
     _install()
     with relay_service(None):
-        return await P2P.create(
-            host_maddrs=[f"/ip4/{host}/tcp/0"], use_relay=True, dht_mode="client", idle_timeout=0, auto_nat=False
-        )
+        return await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], use_relay=True, dht_mode="client", auto_nat=False)
