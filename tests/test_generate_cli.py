@@ -103,7 +103,8 @@ def test_peers_dying_mid_run_are_said_and_kept_in_the_summary(swarm, slow_ckpt):
         swarm.stop_many(procs, signal.SIGKILL)
     _, err = gen.communicate(timeout=120)
     assert gen.returncode == 0, err[-3000:]
-    assert "16 experts lost their last usable replica" in err
+    # said as it happens (how many at once depends on when each dead peer's ban and record lapse)
+    assert "experts lost their last usable replica" in err
     for proc in procs:
         assert proc.info["peer_id"] in err  # full ids, as the peers log them
     assert "the output may differ from the model's" in err

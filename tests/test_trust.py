@@ -164,7 +164,9 @@ def test_two_colluders_among_four_never_get_an_honest_peer_banned(swarm, ckpt, p
     assert not banned & honest
     assert not {e["wrong"]["peer_id"] for e in stats.evidence} & honest
     assert all(trust.peers.get(p) is None or trust.peers[p].convicted == 0 for p in honest)
-    assert stats.spot_checks > 0 and stats.spot_unresolved + stats.cheaters_banned > 0  # the colluders were met
+    # checked, though not necessarily caught: two colluders who happen to verify each other agree
+    # (docs/security.md says so); what must hold is that no honest peer pays for it
+    assert stats.spot_checks > 0
 
 
 def test_honest_peers_are_never_banned(swarm, ckpt, peers):
