@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFRESH_ON_MISS_S = 1.0  # an expert without a replica re-reads the DHT at most this often
-# a peer that answered "not serving" (draining, joining) is skipped this long: by then its DHT
-# record says so too, or it is back online
+# a peer that answered "not serving" (draining, joining) is skipped until the swarm view has
+# re-read its record twice (by then the record says so too, or it is back online, e.g. after
+# re-placing its experts), and never longer than this
 LEAVING_SKIP_S = 30.0
 
 
@@ -173,7 +174,7 @@ class LayerCall:
         refused = getattr(error, "code", None) == grpc.StatusCode.RESOURCE_EXHAUSTED
         leaving = isinstance(error, RemoteExpertError) and error.not_serving
         if leaving:  # skipped until its DHT record says so too, without a failure streak
-            self.health.ban(peer, LEAVING_SKIP_S)
+            self.health.ban(peer, min(LEAVING_SKIP_S, 2 * self.dispatcher.swarm.refresh_period))
         elif not refused:  # overloaded, not broken: go elsewhere, no ban
             seconds = self.health.fail(peer)
             log.info("peer %s banned for %.0fs, its experts go to other replicas: %s", peer, seconds, error)
