@@ -49,7 +49,7 @@ class SwarmWatch:
         self._thread = threading.Thread(target=self._run, name="moe-swarm-watch", daemon=True)
 
     def start(self) -> SwarmWatch:
-        self.check()  # the starting point: what is missing already was said by the coverage wait
+        self.check(say=False)  # the starting point: what is missing already was said by the coverage wait
         self._thread.start()
         return self
 
@@ -63,7 +63,7 @@ class SwarmWatch:
         while not self._stop.wait(self.period):
             self.check()
 
-    def check(self) -> None:
+    def check(self, say: bool = True) -> None:
         orphaned = set()
         for uid in self.swarm.uids:
             usable = False
@@ -73,18 +73,24 @@ class SwarmWatch:
                 if r.record.state.serving:
                     seen.uids.add(uid)
             for r in self.swarm.replicas(uid):
-                usable |= not self.health.banned(r.peer_id)
+                usable |= self._answering(r.peer_id)
             if not usable:
                 orphaned.add(uid)
         lost, back = sorted(orphaned - self.orphaned), sorted(self.orphaned - orphaned)
-        if lost and self._thread.is_alive():
+        if lost and say:
             self.say(
                 f"{len(lost)} experts lost their last usable replica (e.g. {lost[0]}): until one comes back, "
                 f"{FALLBACK_SAYS.get(self.fallback, self.fallback)}"
             )
-        if back and self._thread.is_alive():
+        if back and say:
             self.say(f"{len(back)} experts have a usable replica again (e.g. {back[0]})")
         self.orphaned = orphaned
+
+    def _answering(self, peer_id: str) -> bool:
+        """Not banned, and its last call did not fail: a dead peer's record outlives it, and its
+        bans come and go as retries probe it, so a ban alone would say "usable" between them."""
+        health = self.health.peers.get(peer_id)
+        return health is None or (health.failures == 0 and not self.health.banned(peer_id))
 
     def hosted(self) -> dict[str, str]:
         """peer id -> the compact --experts spec of what it was seen hosting."""
