@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moe-peer")
 RESERVE_WAIT_S = 15.0  # how long start-up waits for a connection to a relay; also a hello's time limit
+START_ATTEMPTS = 3  # a relay briefly unreachable (busy, restarting) is tried again, 1 s then 2 s later
 MAX_STREAMS = 256  # relayed streams open at once, from everyone: more are closed unread
 StreamHandlerFn = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -84,13 +85,26 @@ class RelayedService:
     async def start(self) -> Reach:
         if not self.relays:
             raise ConnectionError("no relay to serve through: --initial-peers names no /p2p/ multiaddr")
-        self.p2p = await start_relayed_node(self.relays)
+        self.p2p = await self._start_node()
         await self.p2p.add_binary_stream_handler(OPEN, self._bounded(self._open))
         await self.p2p.add_binary_stream_handler(FORWARD, self._bounded(self._forward))
         await self.p2p.add_binary_stream_handler(INFO, self._bounded(self._info))
         await self._wait_for_relay()
         self.reach = Reach(self.p2p.peer_id.to_base58(), tuple(self.relays))
         return self.reach
+
+    async def _start_node(self) -> P2P:
+        from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return await start_relayed_node(self.relays)
+            except P2PDaemonError as e:
+                if attempt == START_ATTEMPTS:
+                    raise ConnectionError(f"could not reach any relay of {self.relays}: {e}") from None
+                log.warning("no relay answered (%s); trying again in %d s", str(e).splitlines()[-1], attempt)
+                await asyncio.sleep(attempt)
+        raise AssertionError("unreachable")
 
     async def _wait_for_relay(self) -> None:
         ids = {r.rsplit("/p2p/", 1)[-1] for r in self.relays}
