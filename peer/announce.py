@@ -40,9 +40,11 @@ class Announcer:
         owner: bytes,
         period: float = 10.0,
         ttl_periods: float = 3.0,
+        index_keys: Sequence[str] = (),
     ) -> None:
         self.dht = dht
         self.uids = list(uids)
+        self.index_keys = list(index_keys)  # written with every full announcement, besides the experts
         self.record = record
         self.period = period
         self.ttl = period * ttl_periods
@@ -58,7 +60,7 @@ class Announcer:
         expiration = max(expiration, self._last_expiration + 1e-3)  # each write must supersede the last
         coro = functools.partial(
             _store_all,
-            keys=list(self.uids if uids is None else uids),
+            keys=[*self.uids, *self.index_keys] if uids is None else list(uids),
             subkey=self.subkey,
             value=record.to_dict(),
             expiration=expiration,

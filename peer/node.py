@@ -29,7 +29,7 @@ from protos.expert_spec import format_expert_spec
 from protos.plumbing.dht import fetch_latest, start_dht
 from protos.plumbing.files import write_json_atomic
 from protos.plumbing.reachability import check_reachable, serve_dial_back
-from protos.records import PeerRecord, PeerState, count_serving, expert_uid, parse_expert_uid
+from protos.records import PeerRecord, PeerState, count_serving, expert_uid, models_key, parse_expert_uid
 from protos.validation import owner_subkey
 
 from .announce import Announcer
@@ -183,7 +183,8 @@ class PeerNode:
         )
         self.server, self.port = await start_server(self.servicer, cfg.host, cfg.port, cfg.max_message_bytes)
         self.endpoint = f"{cfg.announce_host or cfg.host}:{cfg.announce_port or self.port}"
-        self.announcer = Announcer(self.dht, experts.uids, self.record, self.owner, period=cfg.announce_period)
+        ix = [models_key(experts.model_id)]  # lets coordinators of other weights name this model
+        self.announcer = Announcer(self.dht, experts.uids, self.record, self.owner, cfg.announce_period, index_keys=ix)
         if self.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in STOP_SIGNALS:
@@ -233,6 +234,7 @@ class PeerNode:
             device=str(self.device),
             version=__version__,
             reach=self.relayed.reach if self.relayed is not None else None,
+            model=self.servicer.experts.model_id,
         )
 
     async def require_reachable(self) -> None:

@@ -44,7 +44,7 @@ class PeerState(StrEnum):
 
 
 NOT_SERVING = "peer is not serving"
-OPTIONAL_FIELDS = frozenset({"reach"})
+OPTIONAL_FIELDS = frozenset({"reach", "model"})
 
 
 MAX_TEXT_LEN = 64  # a record's free-text fields (device, version)
@@ -64,6 +64,20 @@ def expert_uid(model_id: str, layer: int, expert: int) -> str:
     if layer < 0 or expert < 0:
         raise ValueError(f"layer and expert must be >= 0, got {layer}, {expert}")
     return f"{model_id}{UID_SEPARATOR}{layer}{UID_SEPARATOR}{expert}"
+
+
+def model_family(model_id: str) -> str:
+    """The part of a model id that names the architecture, not the weights ("mixtral" of
+    "mixtral-0123456789abcdef"): peers of one family serving other weights share it."""
+    short, _, digest = model_id.rpartition("-")
+    return short if short and len(digest) == 16 and all(c in "0123456789abcdef" for c in digest) else model_id
+
+
+def models_key(model_id: str) -> str:
+    """The DHT key every peer serving a model of `model_id`'s family also announces under, so a
+    coordinator that finds no replica of its own model can say which models the swarm does serve
+    (two parts, so it is never an expert uid)."""
+    return f"models{UID_SEPARATOR}{model_family(model_id)}"
 
 
 def parse_expert_uid(uid: str) -> tuple[str, int, int]:
@@ -88,6 +102,7 @@ class PeerRecord:
     kx: bytes = b""  # static X25519 public key coordinators open sessions to
     kx_sig: bytes = b""  # identity's signature over (kx, this record's DHT owner)
     reach: Reach | None = None  # optional: reached over libp2p through relays, not at the endpoint
+    model: str = ""  # optional: the model id it serves (read under models_key)
 
     @property
     def route(self) -> str:
@@ -110,6 +125,8 @@ class PeerRecord:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["state"] = self.state.value
+        if not self.model:
+            del d["model"]
         if self.reach is None:
             del d["reach"]  # records without it read the same everywhere
         else:
@@ -133,6 +150,9 @@ class PeerRecord:
             raise ValueError(f"bad throughput {throughput!r}")
         for name in ("device", "version"):
             check_text(name, raw[name])
+        model = raw.get("model", "")
+        if model and not (isinstance(model, str) and _MODEL_ID_RE.match(model)):
+            raise ValueError(f"bad model {model!r}")
         for name, size in (("identity", PUBLIC_KEY_LEN), ("kx", PUBLIC_KEY_LEN), ("kx_sig", SIGNATURE_LEN)):
             if not isinstance(raw[name], bytes) or len(raw[name]) != size:
                 raise ValueError(f"{name} must be {size} bytes")
@@ -147,6 +167,7 @@ class PeerRecord:
             kx=raw["kx"],
             kx_sig=raw["kx_sig"],
             reach=Reach.from_raw(raw["reach"]) if "reach" in raw else None,
+            model=model,
         )
 
 

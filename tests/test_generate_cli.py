@@ -111,10 +111,18 @@ def test_peers_dying_mid_run_are_said_and_kept_in_the_summary(swarm, slow_ckpt):
     assert not any(n in err for n in NOISE), err[-3000:]
 
 
-def test_a_checkpoint_nobody_serves_stops_with_one_line(swarm, tmp_path):
+def test_a_checkpoint_nobody_serves_stops_with_one_line_naming_what_is_served(swarm, slow_ckpt, tmp_path):
+    from coordinator.models.hf import checkpoint_info
+
+    procs = _slow_peers(swarm, slow_ckpt, 1)
     ckpt = save_tiny_checkpoint(tmp_path / "other", "mixtral", seed=12)  # other weights: another model id
-    gen = _generate(swarm, ckpt, "--wait", "2")
-    _, err = gen.communicate(timeout=120)
+    try:
+        gen = _generate(swarm, ckpt, "--wait", "2")
+        _, err = gen.communicate(timeout=120)
+    finally:
+        swarm.stop_many(procs, signal.SIGTERM)
     assert gen.returncode == 1, err[-3000:]
-    assert "error: only 0 of 16 experts of this checkpoint have a replica" in err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "only 0 of 16 experts of this checkpoint have a replica" in line
+    assert f"{checkpoint_info(slow_ckpt).manifest.model_id} (1 peer)" in line  # what the swarm serves instead
     assert not any(n in err for n in NOISE), err[-3000:]

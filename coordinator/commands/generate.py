@@ -21,6 +21,7 @@ from coordinator.ops.watch import SwarmWatch
 from coordinator.speculate.options import add_speculate_args, check_speculate_args, controller_for, make_draft
 from protos import tensors
 from protos.envelope import Identity
+from protos.records import parse_expert_uid
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -202,10 +203,26 @@ def wait_for_coverage(client: SwarmClient, args: argparse.Namespace, console) ->
     if covered < args.min_coverage * len(uids):
         raise ValueError(
             f"only {covered} of {len(uids)} experts of this checkpoint have a replica in the swarm after "
-            f"{args.wait:.0f}s; is this the checkpoint the swarm serves? "
-            "(`moe-swarm status --initial-peers ...` lists what it serves; --min-coverage 0 runs anyway)"
+            f"{args.wait:.0f}s; {other_models_hint(client)} (--min-coverage 0 runs anyway)"
         )
     console.print(f"[yellow]warning:[/] {problem}; continuing with the {args.fallback} fallback")
+
+def other_models_hint(client: SwarmClient) -> str:
+    """What the swarm serves instead: other weights of the same family, named by model id."""
+    own = parse_expert_uid(client.swarm.uids[0])[0]
+    try:
+        served = client.io.run(client.swarm.models_served(), timeout=10)
+    except Exception:  # the hint is a courtesy: the error stands without it
+        served = {}
+    others = {m: n for m, n in served.items() if m != own}
+    if not others:
+        return "no peer in it serves another model of this family either: check --initial-peers"
+    listed = ", ".join(f"{m} ({n} peer{'s' if n > 1 else ''})" for m, n in others.items())
+    return (
+        f"its peers serve other weights of this family: {listed}. Use the checkpoint they serve (the model id "
+        f"is the config and weight files' digest: `moe-swarm status --model MODEL_ID` shows who serves it)"
+    )
+
 
 class CountingStreamer:
     """Streams through transformers' TextStreamer and counts the new tokens, so an interrupted
