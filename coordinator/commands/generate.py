@@ -207,6 +207,7 @@ def wait_for_coverage(client: SwarmClient, args: argparse.Namespace, console) ->
         )
     console.print(f"[yellow]warning:[/] {problem}; continuing with the {args.fallback} fallback")
 
+
 def other_models_hint(client: SwarmClient) -> str:
     """What the swarm serves instead: other weights of the same family, named by model id."""
     own = parse_expert_uid(client.swarm.uids[0])[0]
