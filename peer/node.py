@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import Coroutine
@@ -21,31 +20,30 @@ from typing import TYPE_CHECKING
 
 import torch
 from hivemind import DHT
-from hivemind.utils import get_dht_time
 
 from protos import __version__
 from protos.envelope import Identity
-from protos.expert_spec import format_expert_spec
-from protos.plumbing.dht import fetch_latest, start_dht
+from protos.plumbing.dht import joined, start_dht
 from protos.plumbing.files import write_json_atomic
 from protos.plumbing.reachability import check_reachable, serve_dial_back
-from protos.records import PeerRecord, PeerState, count_serving, expert_uid, models_key, parse_expert_uid
+from protos.records import PeerRecord, PeerState, models_key
 from protos.validation import owner_subkey
 
 from .announce import Announcer
+from .auto_placement import AutoPlacement, Pair
 from .backends.base import ExpertBackend
 from .backends.faults import with_faults
 from .backends.load import describe_model, load_backend
 from .config import PeerConfig
 from .host import release_freed_memory, split_cpus
 from .metrics import PeerMetrics
-from .placement import better_placement, choose_experts
 from .relay import RelayedService, serve_relayed
 from .selfbench import cached_throughput
 from .service.server import start_server
 from .service.servicer import ExpertServicer
 from .service.settings import Access
 from .sessions import read_allowlist
+from .startup import StartupClock
 
 if TYPE_CHECKING:
     import grpc
@@ -56,10 +54,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # group (`timeout`, `kill -- -PGID`, a supervisor) must not hold the leave forever
 LEAVE_DHT_STEP_S = 3.0
 
-Pair = tuple[int, int]  # (layer, expert)
 
-
-class PeerNode:
+class PeerNode(AutoPlacement):
     def __init__(self, config: PeerConfig, *, handle_signals: bool = False) -> None:
         self.config = config
         self.handle_signals = handle_signals  # the process's node: SIGINT/SIGTERM drain and leave
@@ -69,6 +65,7 @@ class PeerNode:
         self.identity: Identity | None = None
         self.owner = b""  # our subkey under every expert uid in the DHT
         self.dht: DHT | None = None
+        self._dht_ready = False  # its node runs (it answers requests, shutdown included)
         self.servicer: ExpertServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0  # the bound gRPC port
@@ -87,6 +84,7 @@ class PeerNode:
         self._signals = False  # stop handlers installed on the loop
         self._task: asyncio.Task | None = None  # run(): a second stop signal cancels it
         self._forced = False
+        self.clock = StartupClock()
 
     @property
     def peer_id(self) -> str:
@@ -121,20 +119,27 @@ class PeerNode:
 
     async def start(self) -> None:
         """Load the experts, join the DHT, serve gRPC and announce: ONLINE once it returns."""
-        cfg = self.config
+        cfg, clock = self.config, self.clock
         access = self._access()  # file and value errors surface before anything starts
         self.identity = access.identity
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if cfg.auto_placement:
-            self.model_id, self.pairs, self.expert_bytes = describe_model(cfg)
-        else:
-            experts = self._load(self.spec)  # first: configuration errors surface before anything starts
         self._join()
         if cfg.auto_placement:
+            self.model_id, self.pairs, self.expert_bytes = describe_model(cfg)
+            self._joined()
+            clock.mark("dht")
             experts = await self._place()
+            clock.mark("experts")
+        else:
+            experts = self._load(self.spec)  # a configuration error stops the starting DHT node at once
+            clock.mark("experts")
+            self._joined()
+            clock.mark("dht")
         release_freed_memory()
         self.throughput = cached_throughput(experts, remeasure=cfg.remeasure)
+        clock.mark("throughput")
         await self._open(experts, access)
+        clock.mark("server")
         if cfg.key_file is None:  # said once the start can no longer fail on configuration
             log.info("using a fresh identity (pass --key-file to keep one across restarts)")
         await self._go_online()
@@ -157,14 +162,24 @@ class PeerNode:
         return with_faults(backend, self.impairment, self.config.sim_corrupt)
 
     def _join(self) -> None:
-        if self.handle_signals:
-            # Ctrl-C in a terminal signals the whole process group: p2pd (a Go program) keeps an
-            # inherited SIG_IGN, so it stays up until we have drained and withdrawn our records
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        """Fork the DHT node: it starts and joins the swarm while the experts load (`_joined`)."""
         rsa = self.identity.rsa_key()
         cfg = self.config
-        self.dht = start_dht(cfg.initial_peers, host=cfg.host, port=cfg.dht_port, rsa_key=rsa)
+        # Ctrl-C in a terminal signals the whole process group: p2pd (a Go program) keeps the
+        # SIG_IGN it inherits through the DHT child, so it stays up until we have drained and
+        # withdrawn our records. This process takes Ctrl-C again once the child is forked.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if self.handle_signals else None
+        try:
+            self.dht = start_dht(cfg.initial_peers, host=cfg.host, port=cfg.dht_port, rsa_key=rsa, wait=False)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         self.owner = owner_subkey(rsa)
+
+    def _joined(self) -> None:
+        cfg = self.config
+        joined(self.dht, cfg.initial_peers, cfg.host, cfg.dht_port)
+        self._dht_ready = True
 
     async def _open(self, experts: ExpertBackend, access: Access) -> None:
         """Metrics, the servicer and its gRPC server, and the announcer (not announcing yet)."""
@@ -199,14 +214,16 @@ class PeerNode:
         self.servicer.state = PeerState.ONLINE
         await self.announcer.announce()
         self.announcer.start()
+        self.clock.mark("online")
         log.info(
-            "serving %d experts of %s at %s (peer %s, %s, %.0f tokens/s/expert)",
+            "serving %d experts of %s at %s (peer %s, %s, %.0f tokens/s/expert), %s",
             len(experts.uids),
             experts.model_id,
             self.endpoint,
             self.peer_id,
             self.device,
             self.throughput,
+            self.clock.summary(),
         )
         if not cfg.initial_peers:  # alone, by choice or by mistake: say so, and how others join
             maddrs = " ".join(str(m) for m in self.dht.get_visible_maddrs())
@@ -219,6 +236,7 @@ class PeerNode:
                 "model_id": experts.model_id,
                 "experts": experts.uids,
                 "metrics_port": self.metrics_port,
+                "startup_s": self.clock.as_dict(),
             }
             write_json_atomic(cfg.ready_file, ready)
 
@@ -322,68 +340,11 @@ class PeerNode:
             await self.relayed.close()
         if self.servicer is not None:
             self.servicer.close()
-        if self.dht is not None:
+        if self.dht is not None and self._dht_ready:
             self.dht.shutdown()
-
-    # --experts auto
-
-    async def coverage(self) -> dict[Pair, int]:
-        """Serving replicas per expert of the model, not counting this peer."""
-        uids = {pair: expert_uid(self.model_id, *pair) for pair in self.pairs}
-        raw = await fetch_latest(self.dht, list(uids.values()))
-        others = {uid: {sk: v for sk, v in subs.items() if sk != self.owner} for uid, subs in raw.items()}
-        counts = count_serving(others, get_dht_time())
-        return {pair: counts.get(uid, 0) for pair, uid in uids.items()}
-
-    async def _place(self) -> ExpertBackend:
-        """The first placement: the least-covered experts that fit the budget."""
-        await asyncio.sleep(random.uniform(0, self.config.placement_delay))
-        replicas = await self.coverage()
-        chosen = choose_experts(self.pairs, replicas, self.expert_bytes, self.config.budget_bytes)
-        self.spec = format_expert_spec(chosen)
-        log.info("auto placement: hosting %s (coverage before: %s)", self.spec, sorted(set(replicas.values())))
-        experts = self._load(self.spec)
-        self.hosted = sorted(parse_expert_uid(u)[1:] for u in experts.uids)
-        return experts
-
-    async def keep_placement(self) -> None:
-        """Every placement_check seconds: move to a better set when two checks in a row find one
-        (hysteresis), draining first so no request fails."""
-        streak = 0
-        while True:
-            await asyncio.sleep(self.config.placement_check * random.uniform(0.8, 1.2))  # peers don't move in step
-            try:
-                others = await self.coverage()
-            except Exception as e:
-                log.warning("placement check could not read the DHT: %s", e)
-                continue
-            proposal = better_placement(self.pairs, others, self.hosted, self.expert_bytes, self.config.budget_bytes)
-            streak = streak + 1 if proposal else 0
-            if streak >= 2:
-                streak = 0
-                await self.move_to(proposal)
-
-    async def move_to(self, proposal: list[Pair]) -> None:
-        """Host `proposal` instead: drain, load, withdraw the retired experts, announce again."""
-        servicer, announcer = self.servicer, self.announcer
-        before, after = format_expert_spec(self.hosted), format_expert_spec(proposal)
-        log.info("re-placing: %s -> %s (weakest coverage improves)", before, after)
-        servicer.state = PeerState.DRAINING
-        await announcer.announce()  # coordinators stop choosing us; in-flight work finishes
-        deadline = time.monotonic() + self.config.drain_timeout
-        while servicer.load and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        self.spec = after
-        experts = await asyncio.to_thread(self._load, self.spec)
-        release_freed_memory()
-        retired = sorted(set(announcer.uids) - set(experts.uids))
-        servicer.replace_experts(experts)
-        announcer.uids = list(experts.uids)
-        await announcer.withdraw(retired)
-        servicer.state = PeerState.ONLINE
-        await announcer.announce()
-        self.hosted = proposal
-        log.info("now hosting %s", self.spec)
+        elif self.dht is not None:  # still starting: it reads no shutdown request yet
+            self.dht.terminate()
+            self.dht.join(LEAVE_DHT_STEP_S)
 
 
 def serve(config: PeerConfig) -> None:

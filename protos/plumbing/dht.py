@@ -91,30 +91,44 @@ def start_dht(
     port: int = 0,
     client_mode: bool = False,
     rsa_key: RSAPrivateKey | None = None,
+    wait: bool = True,
     **kwargs,
 ) -> DHT:
     """A running DHT node with this swarm's validators. `client_mode` nodes read records and
-    store nobody's (coordinators); `rsa_key` signs this node's own records (peers)."""
+    store nobody's (coordinators); `rsa_key` signs this node's own records (peers). With
+    `wait=False` it returns as soon as the node's process is forked, and `joined()` waits for
+    it: a peer loads its experts meanwhile."""
     from hivemind import DHT
-    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
     from protos.validation import dht_validators
 
     if port:
         _require_free(host, port)
+    with fork_safe_gc():  # the node is a forked child: see the module's docstring
+        dht = DHT(
+            initial_peers=list(initial_peers),
+            client_mode=client_mode,
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            record_validators=dht_validators(rsa_key),
+            start=True,
+            await_ready=False,
+            **kwargs,
+        )
+    return joined(dht, initial_peers, host, port) if wait else dht
+
+
+def joined(dht: DHT, initial_peers: Sequence[str] = (), host: str = "127.0.0.1", port: int = 0) -> DHT:
+    """`dht` (started with these arguments) once its node runs and, given initial peers, has
+    reached the swarm; SwarmJoinError (one line) if it could not, its process stopped."""
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
     try:
-        with fork_safe_gc():  # the node is a forked child: see the module's docstring
-            return DHT(
-                initial_peers=list(initial_peers),
-                client_mode=client_mode,
-                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                record_validators=dht_validators(rsa_key),
-                start=True,
-                **kwargs,
-            )
+        dht.wait_until_ready()
     except P2PDaemonError as e:
+        dht.shutdown()
         what = "join the swarm through --initial-peers" if initial_peers else f"start a DHT node on {host}:{port}"
         raise SwarmJoinError(f"cannot {what}: {str(e).strip().splitlines()[-1]}") from None
+    return dht
 
 
 async def _get_latest(dht: DHT, node: DHTNode, keys: Sequence[str]) -> dict[str, dict[str, tuple[object, float]]]:
