@@ -109,3 +109,48 @@ def test_adaptive_length_falls_to_zero_against_a_wrong_draft(target):
     assert controller.best() == 0, (lengths, controller)  # it would draft nothing now
     late = lengths[len(lengths) // 2 :]
     assert sum(1 for k in late if k > 0) <= 2, lengths  # the second half: plain decoding, a rare probe
+
+
+def _exact_pairs(model, ids: torch.Tensor, temperature: float, min_p: float) -> dict[tuple[int, int], float]:
+    """P(first two new tokens) under the target at `temperature`, for every pair whose first
+    token has probability >= min_p (their second tokens all of the vocabulary)."""
+    with torch.inference_mode():
+        first = torch.softmax(model(ids).logits[0, -1].float() / temperature, -1)
+        t1 = torch.nonzero(first >= min_p).flatten()
+        batch = torch.cat([ids.repeat(len(t1), 1), t1[:, None]], dim=1)
+        second = torch.softmax(model(batch).logits[:, -1].float() / temperature, -1)
+    return {
+        (a, b): first[a].item() * second[i, b].item()
+        for i, a in enumerate(t1.tolist())
+        for b in range(second.shape[-1])
+    }
+
+
+def test_sampling_with_a_draft_keeps_the_target_distribution(target, trained):
+    """The second new token is the one a drafted token is checked for (speculative sampling):
+    the joint distribution of the first two, over many seeded runs, is the target's exact one
+    (Pearson's chi-square over the pairs expected at least 5 times, the rest one bin)."""
+    from scipy.stats import chi2
+
+    model, ids, _ = target
+    draft, temperature, runs = make_draft("draft-model", model, trained[1]), 0.5, 400
+    exact = _exact_pairs(model, ids, temperature, min_p=0.005)
+    bins = [pair for pair, p in exact.items() if p * runs >= 5]
+    counts = dict.fromkeys([*bins, "rest"], 0)
+    torch.manual_seed(0)
+    drafted = accepted = 0
+    for _ in range(runs):
+        run = speculative_generate(
+            model, ids, draft, 3, controller=FixedLength(max_tokens=2), do_sample=True,
+            temperature=temperature, top_k=0, top_p=1.0,
+        )  # fmt: skip
+        drafted, accepted = drafted + run.stats.drafted, accepted + run.stats.accepted
+        pair = tuple(run.output_ids[0, ids.shape[1] : ids.shape[1] + 2].tolist())
+        counts[pair if pair in counts else "rest"] += 1
+    assert drafted >= runs and 0 < accepted < drafted  # drafts were checked, some taken and some not
+    expected = {b: exact[b] * runs for b in bins}
+    expected["rest"] = runs - sum(expected.values())
+    assert len(bins) >= 5 and expected["rest"] >= 5, expected  # the test has something to tell apart
+    stat = sum((counts[b] - e) ** 2 / e for b, e in expected.items())
+    p_value = chi2.sf(stat, df=len(expected) - 1)
+    assert p_value > 1e-3, (p_value, counts, expected)

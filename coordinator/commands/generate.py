@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,10 @@ def generate_through(client: SwarmClient, args: argparse.Namespace, model, token
     from coordinator.speculate.decode import speculative_generate
 
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    print(args.prompt, end="", flush=True)
+    # the continuation's first token carries its own leading space or newline, so nothing is
+    # inserted between them; on a terminal the prompt is dim, so where it ends shows
+    dim, plain = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+    print(f"{dim}{args.prompt}{plain}", end="", flush=True)
     streamer = CountingStreamer(tokenizer)
     watch = SwarmWatch(client.swarm, client.dispatcher.health, console.print, args.fallback).start()
     start, spec = time.perf_counter(), None
