@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,12 @@ def test_ctrl_c_to_the_process_group_drains_and_withdraws(swarm):
     assert proc.popen.wait(30) == 0
     log = proc.log_path.read_text()
     assert "withdrawn from the DHT" in log and "Traceback" not in log
+    # where its start-up time went, in the log and the ready file; the phases add up to the whole
+    phases = dict(proc.info["startup_s"])
+    total = phases.pop("total")
+    assert list(phases) == ["imports", "experts", "dht", "throughput", "server", "online"]
+    assert 0 < total < 120 and abs(sum(phases.values()) - total) < 0.05, proc.info["startup_s"]
+    assert re.search(r"serving .*, [\d.]+s after launch \(imports [\d.]+, experts [\d.]+, dht [\d.]+, ", log), log
 
 
 def test_unreachable_announced_address_is_refused_with_what_to_do(swarm):
