@@ -45,11 +45,17 @@ def measure(swarm: LocalSwarm, args: list[str], starts: int) -> dict[str, float]
     return {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m coordinator.bench.startup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--starts", type=int, default=5, help="warm starts per checkpoint (the median is reported)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.starts < 1:
+        raise SystemExit("--starts must be at least 1")
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(tmp) / "swarm") as swarm:
         swarm.start_bootstrap()
         results = {name: measure(swarm, peer_args, args.starts) for name, peer_args in checkpoints(Path(tmp)).items()}

@@ -212,6 +212,9 @@ def wait_for_coverage(client: SwarmClient, args: argparse.Namespace, console) ->
     console.print(f"[yellow]warning:[/] {problem}; continuing with the {args.fallback} fallback")
 
 
+MAX_MODELS_NAMED = 5
+
+
 def other_models_hint(client: SwarmClient) -> str:
     """What the swarm serves instead: other weights of the same family, named by model id."""
     own = parse_expert_uid(client.swarm.uids[0])[0]
@@ -222,11 +225,18 @@ def other_models_hint(client: SwarmClient) -> str:
     others = {m: n for m, n in served.items() if m != own}
     if not others:
         return "no peer in it serves another model of this family either: check --initial-peers"
-    listed = ", ".join(f"{m} ({n} peer{'s' if n > 1 else ''})" for m, n in others.items())
     return (
-        f"its peers serve other weights of this family: {listed}. Use the checkpoint they serve (the model id "
-        f"is the config and weight files' digest: `moe-swarm status --model MODEL_ID` shows who serves it)"
+        f"its peers serve other weights of this family: {name_models(others)}. Use the checkpoint they serve (the "
+        f"model id is the config and weight files' digest: `moe-swarm status --model MODEL_ID` shows who serves it)"
     )
+
+
+def name_models(served: dict[str, int]) -> str:
+    """'a (3 peers), b (1 peer) and 4 more': the most served first, at most MAX_MODELS_NAMED of them
+    (the records are anyone's, and the error stays one line)."""
+    most = sorted(served.items(), key=lambda mn: (-mn[1], mn[0]))[:MAX_MODELS_NAMED]
+    listed = ", ".join(f"{m} ({n} peer{'s' if n > 1 else ''})" for m, n in most)
+    return listed + (f" and {len(served) - len(most)} more" if len(served) > len(most) else "")
 
 
 class CountingStreamer:
