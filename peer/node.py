@@ -65,7 +65,6 @@ class PeerNode(AutoPlacement):
         self.identity: Identity | None = None
         self.owner = b""  # our subkey under every expert uid in the DHT
         self.dht: DHT | None = None
-        self._dht_ready = False  # its node runs (it answers requests, shutdown included)
         self.servicer: ExpertServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0  # the bound gRPC port
@@ -179,7 +178,6 @@ class PeerNode(AutoPlacement):
     def _joined(self) -> None:
         cfg = self.config
         joined(self.dht, cfg.initial_peers, cfg.host, cfg.dht_port)
-        self._dht_ready = True
 
     async def _open(self, experts: ExpertBackend, access: Access) -> None:
         """Metrics, the servicer and its gRPC server, and the announcer (not announcing yet)."""
@@ -340,11 +338,8 @@ class PeerNode(AutoPlacement):
             await self.relayed.close()
         if self.servicer is not None:
             self.servicer.close()
-        if self.dht is not None and self._dht_ready:
+        if self.dht is not None:  # one still starting reads the request once up (hivemind terminates it after 3 s)
             self.dht.shutdown()
-        elif self.dht is not None:  # still starting: it reads no shutdown request yet
-            self.dht.terminate()
-            self.dht.join(LEAVE_DHT_STEP_S)
 
 
 def serve(config: PeerConfig) -> None:

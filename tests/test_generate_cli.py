@@ -42,7 +42,7 @@ def test_generate_streams_tokens_and_reports_exact_counts(swarm, tmp_path):
     text = tok.decode(want[0], skip_special_tokens=True)
     assert text.startswith("the swarm")
     # on a terminal the prompt is dim, so where the continuation starts shows; nothing is inserted
-    assert out.strip() == "\x1b[2mthe swarm\x1b[0m" + text[len("the swarm") :].strip(), out
+    assert out.rstrip() == "\x1b[2mthe swarm\x1b[0m" + text[len("the swarm") :].rstrip(), out
     assert "tokens/s" in err
     assert "0 rerouted + 0 dropped" in err
     assert "experts with a replica: 16/16" in err
@@ -137,7 +137,7 @@ def test_a_checkpoint_nobody_serves_stops_with_one_line_naming_what_is_served(sw
     finally:
         swarm.stop_many(procs, signal.SIGTERM)
     assert gen.returncode == 1, err[-3000:]
-    (line,) = [x for x in err.splitlines() if "error:" in x]
+    (line,) = [x for x in err.splitlines() if x.startswith("moe-swarm: error:")]
     assert "only 0 of 16 experts of this checkpoint have a replica" in line
     # what the swarm serves instead (with peers killed by earlier tests whose records have not expired yet)
     assert re.search(rf"{checkpoint_info(slow_ckpt).manifest.model_id} \(\d+ peers?\)", line), line

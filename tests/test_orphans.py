@@ -48,6 +48,26 @@ def test_sigkilled_peer_and_bootstrap_leave_no_descendants(tmp_path, tiny_checkp
             assert not alive, f"{proc.name} left {alive}"
 
 
+def ignores_sigint(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+def test_a_relayed_peers_daemons_outlast_ctrl_c_and_die_with_it(tmp_path, tiny_checkpoint):
+    """Both of a relayed peer's p2pd (its DHT node's, its relayed node's) ignore the Ctrl-C a
+    terminal sends the process group, so it can drain through them, and die when it is killed."""
+    with LocalSwarm(tmp_path / "swarm") as swarm:
+        swarm.start_bootstrap()
+        args = ["--checkpoint", str(tiny_checkpoint), "--experts", "0:0", "--threads", "1", "--relay", "always"]
+        peer = swarm.start_peer("relayed", *args)
+        daemons = [p for p in psutil.Process(peer.pid).children(recursive=True) if p.name() == "p2pd"]
+        assert len(daemons) == 2, daemons
+        assert all(ignores_sigint(d.pid) for d in daemons)
+        _, alive = kill_leader_and_wait(peer.pid)
+        assert not alive, alive
+
+
 # a coordinator: a SwarmClient started from a worker thread (the DHT child's parent thread ends)
 COORDINATOR = """
 import sys, threading, time

@@ -23,7 +23,7 @@ from hivemind.utils import get_dht_time
 
 from protos.endpoints import is_local_host, parse_endpoint
 from protos.plumbing.dht import fetch_latest
-from protos.records import PeerRecord, models_key, parse_expert_uid
+from protos.records import PeerRecord, model_family, models_key, parse_expert_uid
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,15 @@ class SwarmView:
     async def models_served(self) -> dict[str, int]:
         """Model ids of this view's family that peers serve now (from the family's index key), with
         how many peers serve each: what to tell a user whose checkpoint nobody serves."""
-        key = models_key(parse_expert_uid(self.uids[0])[0])
+        family = model_family(parse_expert_uid(self.uids[0])[0])
+        key = models_key(family)
         now, peers = get_dht_time(), {}
         for value, expiration in (await fetch_latest(self.dht, [key])).get(key, {}).values():
             try:
                 record = PeerRecord.from_dict(value)
             except (ValueError, KeyError, TypeError):
                 continue
-            if expiration > now and record.state.serving and record.model:
+            if expiration > now and record.state.serving and record.model and model_family(record.model) == family:
                 peers.setdefault(record.model, set()).add(record.peer_id)
         return {model: len(ids) for model, ids in sorted(peers.items())}
 

@@ -8,7 +8,9 @@ a libp2p node still in the swarm. So:
 - the forked DHT child watches its parent (`watch_parent`, a daemon thread): once it is
   re-parented, it exits at once;
 - every program the DHT child starts (p2pd) gets PR_SET_PDEATHSIG(SIGKILL) before exec,
-  so it dies with the DHT child however that one ends.
+  so it dies with the DHT child however that one ends;
+- a libp2p node started in the process itself (a relayed peer's, a coordinator's dialing
+  node) gets the same for its p2pd, which also ignores SIGINT like the DHT child's.
 
 A watch rather than PR_SET_PDEATHSIG for the DHT child: the parent-death signal fires when
 the *thread* that forked exits, and a coordinator may start its DHT from a worker thread.
@@ -24,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 PR_SET_PDEATHSIG = 1
 WATCH_PERIOD_S = 0.25
@@ -64,3 +67,26 @@ def children_die_with_this_process() -> None:
         return await spawn(*args, **kwargs)
 
     asyncio.subprocess.create_subprocess_exec = spawn_bound
+
+
+def _bound_and_deaf_to_ctrl_c() -> None:
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Go program keeps an inherited SIG_IGN across exec
+
+
+@contextlib.contextmanager
+def daemons_bound_here() -> Iterator[None]:
+    """For a libp2p node started in this process (not in a DHT child): the p2pd it spawns inside
+    this block dies with the spawning thread, and ignores the Ctrl-C a terminal sends to the whole
+    process group, so the node stays up while this process drains, and goes when it is done."""
+    spawn = asyncio.subprocess.create_subprocess_exec
+
+    async def spawn_bound(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", _bound_and_deaf_to_ctrl_c)
+        return await spawn(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = spawn_bound
+    try:
+        yield
+    finally:
+        asyncio.subprocess.create_subprocess_exec = spawn

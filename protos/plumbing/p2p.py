@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .lifeline import daemons_bound_here
+
 if TYPE_CHECKING:
     from hivemind.p2p import P2P
 
@@ -90,7 +92,7 @@ async def start_relayed_node(relays: Sequence[str]) -> P2P:
     from hivemind.p2p import P2P
 
     _install()
-    with relay_service(None):
+    with relay_service(None), daemons_bound_here():
         return await P2P.create(
             initial_peers=list(relays),
             trusted_relays=list(relays),
@@ -109,5 +111,5 @@ async def start_dialing_node(host: str = "127.0.0.1") -> P2P:
     from hivemind.p2p import P2P
 
     _install()
-    with relay_service(None):
+    with relay_service(None), daemons_bound_here():
         return await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], use_relay=True, dht_mode="client", auto_nat=False)
