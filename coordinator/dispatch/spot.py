@@ -129,7 +129,10 @@ class SpotChecks:
                 votes.append((more.answers[e], more.proofs[e]))
         sides = self._sides(votes)
         best = max(sides, key=len)
-        if len(best) >= 2 and all(len(s) < len(best) for s in sides if s is not best):
+        # a majority of the expert's replicas, not only of those that answered: two colluders
+        # among four replicas must not outvote an honest one whose second vote came too late
+        replicas = max(len(first.dispatcher.swarm.replicas(first.uids[e])), len(votes))
+        if len(best) >= 2 and 2 * len(best) > replicas and all(len(s) < len(best) for s in sides if s is not best):
             self._verdict(e, first, best[0], [v for s in sides if s is not best for v in s])
             return
         self.stats.record_spot_unresolved()
