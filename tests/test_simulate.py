@@ -90,11 +90,6 @@ def test_churn_with_replication_two_completes_every_request(tmp_path, cache):
     faults = [e for e in report["events"] if e["action"] in ("kill", "stop", "stall", "restart")]
     assert len(faults) >= 6 and report["faults"]["kill"] + report["faults"]["stop"] >= 3, report["events"]
     assert report["faults"]["restart"] >= 2
-    # a peer restarted 12 s or more before the end serves again within the run (start-up takes
-    # 3-5 s on an idle 2-core machine): churn recovery is not bounded by a slow start
-    ready = {e["pid"] for e in report["events"] if e["action"] == "ready"}
-    early = [e for e in report["events"] if e["action"] == "restart" and e["t"] <= report["duration_s"] - 12]
-    assert early and all(e["pid"] in ready for e in early), report["events"]
     assert dis["retries"] + dis["hedges"] > 0  # the faults were met, and handled
     assert sum(p["rpcs"] for p in report["peers"]) == dis["rpcs"]  # every RPC is attributed to a peer
     assert any(p["restarts"] for p in report["peers"]) and all(0 < p["uptime_frac"] <= 1 for p in report["peers"])
