@@ -164,15 +164,9 @@ class PeerNode(AutoPlacement):
         """Fork the DHT node: it starts and joins the swarm while the experts load (`_joined`)."""
         rsa = self.identity.rsa_key()
         cfg = self.config
-        # Ctrl-C in a terminal signals the whole process group: p2pd (a Go program) keeps the
-        # SIG_IGN it inherits through the DHT child, so it stays up until we have drained and
-        # withdrawn our records. This process takes Ctrl-C again once the child is forked.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if self.handle_signals else None
-        try:
-            self.dht = start_dht(cfg.initial_peers, host=cfg.host, port=cfg.dht_port, rsa_key=rsa, wait=False)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+        # the DHT child ignores SIGINT (hivemind), and its p2pd inherits that: a terminal's Ctrl-C
+        # to the process group leaves them up until we have drained and withdrawn our records
+        self.dht = start_dht(cfg.initial_peers, host=cfg.host, port=cfg.dht_port, rsa_key=rsa, wait=False)
         self.owner = owner_subkey(rsa)
 
     def _joined(self) -> None:

@@ -10,7 +10,8 @@ a libp2p node still in the swarm. So:
 - every program the DHT child starts (p2pd) gets PR_SET_PDEATHSIG(SIGKILL) before exec,
   so it dies with the DHT child however that one ends;
 - a libp2p node started in the process itself (a relayed peer's, a coordinator's dialing
-  node) gets the same for its p2pd, which also ignores SIGINT like the DHT child's.
+  node) gets the same for its p2pd, which also ignores SIGINT as the DHT child's does (it
+  inherits the SIG_IGN hivemind's DHT child sets).
 
 A watch rather than PR_SET_PDEATHSIG for the DHT child: the parent-death signal fires when
 the *thread* that forked exits, and a coordinator may start its DHT from a worker thread.
@@ -26,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 PR_SET_PDEATHSIG = 1
 WATCH_PERIOD_S = 0.25
@@ -57,16 +58,21 @@ def watch_parent(parent_pid: int, period_s: float = WATCH_PERIOD_S) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def children_die_with_this_process() -> None:
-    """Every program this process starts through asyncio from now on gets PR_SET_PDEATHSIG:
-    hivemind starts p2pd with asyncio.subprocess.create_subprocess_exec."""
+def _spawning_with(preexec: Callable[[], None]):
+    """asyncio's create_subprocess_exec, with `preexec` run in each child before exec."""
     spawn = asyncio.subprocess.create_subprocess_exec
 
     async def spawn_bound(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
-        kwargs.setdefault("preexec_fn", die_with_parent)
+        kwargs.setdefault("preexec_fn", preexec)
         return await spawn(*args, **kwargs)
 
-    asyncio.subprocess.create_subprocess_exec = spawn_bound
+    return spawn_bound
+
+
+def children_die_with_this_process() -> None:
+    """Every program this process starts through asyncio from now on gets PR_SET_PDEATHSIG:
+    hivemind starts p2pd with asyncio.subprocess.create_subprocess_exec."""
+    asyncio.subprocess.create_subprocess_exec = _spawning_with(die_with_parent)
 
 
 def _bound_and_deaf_to_ctrl_c() -> None:
@@ -76,16 +82,12 @@ def _bound_and_deaf_to_ctrl_c() -> None:
 
 @contextlib.contextmanager
 def daemons_bound_here() -> Iterator[None]:
-    """For a libp2p node started in this process (not in a DHT child): the p2pd it spawns inside
-    this block dies with the spawning thread, and ignores the Ctrl-C a terminal sends to the whole
-    process group, so the node stays up while this process drains, and goes when it is done."""
+    """For a libp2p node started in this process (not in a DHT child, whose p2pd inherits its
+    SIG_IGN): the p2pd it spawns inside this block dies with the spawning thread, and ignores the
+    Ctrl-C a terminal sends to the whole process group, so the node stays up while this process
+    drains, and goes when it is done."""
     spawn = asyncio.subprocess.create_subprocess_exec
-
-    async def spawn_bound(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
-        kwargs.setdefault("preexec_fn", _bound_and_deaf_to_ctrl_c)
-        return await spawn(*args, **kwargs)
-
-    asyncio.subprocess.create_subprocess_exec = spawn_bound
+    asyncio.subprocess.create_subprocess_exec = _spawning_with(_bound_and_deaf_to_ctrl_c)
     try:
         yield
     finally:
