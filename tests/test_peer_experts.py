@@ -155,6 +155,64 @@ def test_micro_batcher_merges_what_queues_while_busy():
         assert (out - hosted.forward(x, [(uids[i % 4], 64)])).abs().max().item() <= 1e-5
 
 
+
+@pytest.mark.unit
+def test_an_idle_batcher_answers_a_small_cpu_request_without_queueing_it():
+    """Once the per-row cost is known, a decode step's request on an idle CPU peer is computed
+    inside submit (the coroutine finishes without yielding to the loop); a request that arrives
+    while a batch computes still queues and joins the next batch."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from peer.batcher import MicroBatcher
+
+    cfg = ToyConfig(num_layers=1, num_experts=4, hidden_dim=16, ffn_dim=32)
+    hosted = HostedExperts.from_seed(cfg, 3, "*", torch.device("cpu"))
+    uids = hosted.uids
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    segments = [(uids[1], 1), (uids[3], 1)]
+    gate = threading.Event()
+
+    async def run():
+        batcher = MicroBatcher(hosted, ThreadPoolExecutor(1))
+        for _ in range(50):  # the first batches teach it the per-row cost
+            await batcher.submit(x, segments, None)
+        coro = batcher.submit(x, segments, None)
+        with pytest.raises(StopIteration) as finished:
+            coro.send(None)  # done on the first step: never queued, never waited
+        inline = finished.value.value
+        # a batch computing on the executor makes the batcher busy: what arrives meanwhile queues
+        batcher.experts = _Blocking(hosted, gate)
+        big = asyncio.ensure_future(batcher.submit(torch.randn(4096, 16), [(uids[0], 4096)], None))
+        await asyncio.sleep(0.05)
+        small = asyncio.ensure_future(batcher.submit(x, segments, None))
+        await asyncio.sleep(0.05)
+        assert not small.done()  # waiting in the queue behind the busy device
+        gate.set()
+        await asyncio.gather(big, small)
+        batcher.cancel()
+        return inline, small.result()
+
+    inline, queued = asyncio.run(run())
+    for out, _, _ in (inline, queued):
+        assert torch.equal(out, hosted.forward(x, segments))
+    assert inline[1] < queued[1]
+
+
+class _Blocking:
+    """Experts whose forward waits for `gate` (to hold a batch on the executor)."""
+
+    def __init__(self, experts, gate) -> None:
+        self._experts, self._gate = experts, gate
+        self.device = experts.device
+        self.slots = experts.slots
+
+    def forward(self, x, segments):
+        if x.shape[0] > 64:
+            self._gate.wait(10)
+        return self._experts.forward(x, segments)
+
 def test_throughput_is_measured_once_per_device_and_shape(tmp_path):
     from peer.selfbench import cached_throughput
 

@@ -36,10 +36,11 @@ class DispatchResult:
     outputs: torch.Tensor  # [T, k, H]; rows of slots nobody answered are zero
     answered: torch.Tensor  # [T, k] bool: False where the slot was dropped
     experts: torch.Tensor  # [T, k] the experts that computed each slot (differs where rerouted)
+    dropped: int | None = None  # slots nobody answered, where the maker counted them (no pass over `answered`)
 
     @property
     def complete(self) -> bool:
-        return bool(self.answered.all())
+        return self.dropped == 0 if self.dropped is not None else bool(self.answered.all())
 
 
 def scatter(
@@ -70,6 +71,7 @@ def scatter(
             result.view(k, num_tokens, -1).transpose(0, 1),
             torch.from_numpy(answered).view(k, num_tokens).T,
             torch.from_numpy(flat).view(k, num_tokens).T,
+            dropped,
         ),
         dropped,
     )
