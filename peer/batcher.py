@@ -20,10 +20,11 @@ import torch
 from .backends.base import ExpertBackend
 
 # A CPU batch expected (from the measured CPU ms per row) to compute within this runs on the
-# event loop's own thread: a decode step's GEMMs then cost less than the executor round trip's
-# two thread wake-ups (~0.1 ms each on a busy 2-core host), and the loop is held about as long
-# as that round trip would have held it.
-INLINE_MAX_MS = 0.25
+# event loop's own thread. Handing it to the compute thread and back costs two thread wake-ups:
+# 0.2-0.35 ms on a busy 2-core host, more than a decode step's GEMMs, and the compute thread,
+# woken rarely, runs them colder than the loop does. Bigger batches (what load brings) leave the
+# loop free for the other requests' reads and writes.
+INLINE_MAX_MS = 0.5
 
 
 class DeadlineMissed(Exception):

@@ -1,10 +1,13 @@
 """Receipts that do not verify: a sealed answer is used (the session proved who sent it) and its
-peer is banned right after the layer call; a plaintext answer is refused and retried elsewhere."""
+peer is banned once the verifier thread has checked it; a plaintext answer is refused and
+retried elsewhere."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import pytest
 import torch
 
 from .test_stream import _in_a_fresh_process, _in_process_peer
@@ -63,7 +66,10 @@ def _liar_scenario() -> dict[str, object]:
             result = await d.dispatch(x, experts, uids, torch.float32)
             seen["sealed_equal"] = torch.equal(result.outputs, reference.outputs)
             seen["sealed_banned_at_return"] = d.health.banned(liar_replica.peer_id)
-            await asyncio.sleep(0.05)
+            for _ in range(200):  # the verifier thread's check, within 2 s even on a loaded machine
+                await asyncio.sleep(0.01)
+                if d.health.banned(liar_replica.peer_id):
+                    break
             seen["sealed_banned_after"] = d.health.banned(liar_replica.peer_id)
             seen["sealed_bad_receipts"] = d.stats.bad_receipts
             # plaintext: the signature is the only proof of origin, so the call fails and is retried
@@ -94,3 +100,56 @@ def test_bad_receipts_ban_the_peer_sealed_after_the_call_plaintext_before_use():
     assert seen["plain_equal"]
     assert seen["plain_banned"] and seen["plain_retries"] == 2  # both experts went elsewhere
     assert seen["plain_answered_by"] == {seen["honest"]: 1}
+
+
+class _Proof:
+    """A proof whose receipt check takes a moment and may fail (pure logic: no keys involved)."""
+
+    def __init__(self, peer_id: str, good: bool, checked: list[str]) -> None:
+        self.peer_id, self.good, self.checked = peer_id, good, checked
+
+    def receipt(self) -> None:
+        from protos.envelope import EnvelopeError
+
+        time.sleep(0.001)
+        self.checked.append(self.peer_id)
+        if not self.good:
+            raise EnvelopeError("forged")
+
+
+@pytest.mark.unit
+def test_receipts_are_checked_off_the_loop_with_a_bounded_backlog():
+    """Every receipt is checked, by the verifier thread; bad ones ban their peer on the loop's
+    thread; a backlog past MAX_UNCHECKED is checked by the loop itself, so it never grows past it."""
+    from coordinator.dispatch import verify
+    from coordinator.dispatch.health import HealthCache
+    from coordinator.dispatch.stats import DispatchStats
+
+    async def scenario() -> tuple[DispatchStats, HealthCache, list[str], int, int]:
+        health, stats, checked = HealthCache(), DispatchStats(), []
+        receipts = verify.DeferredReceipts(health, stats)
+        loop_thread, punish = [], receipts.punish
+
+        def on_the_loop(item, error) -> None:
+            loop_thread.append(asyncio.get_running_loop())  # raises off the loop's thread
+            punish(item, error)
+
+        receipts.punish = on_the_loop
+        for i in range(verify.MAX_UNCHECKED + 20):  # nobody verifies yet: the loop takes on the excess
+            receipts.add(_Proof(f"p{i % 4}", good=i % 4 != 3, checked=checked))
+        most = len(receipts.pending)
+        inline = len(checked)
+        receipts.check_later()
+        for _ in range(1000):
+            await asyncio.sleep(0.01)
+            if not receipts.pending and len(checked) == verify.MAX_UNCHECKED + 20:
+                break
+        await asyncio.sleep(0.05)  # the punishments the verifier handed to the loop
+        assert len(loop_thread) == stats.bad_receipts  # each punished on the loop
+        return stats, health, checked, most, inline
+
+    stats, health, checked, most, inline = asyncio.run(scenario())
+    assert most == verify.MAX_UNCHECKED and inline == 20
+    assert sorted(checked) == sorted(f"p{i % 4}" for i in range(verify.MAX_UNCHECKED + 20))
+    assert stats.bad_receipts == (verify.MAX_UNCHECKED + 20) // 4 and health.banned("p3")
+    assert not any(health.banned(p) for p in ("p0", "p1", "p2"))

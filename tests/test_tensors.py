@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -50,3 +52,21 @@ def test_decode_refuses_inconsistent_messages(msg, words):
 def test_unsupported_dtype_is_refused_on_encode():
     with pytest.raises(TensorCodecError, match="not supported"):
         tensors.encode(torch.zeros(2, dtype=torch.int64))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    dtype=st.sampled_from(sorted(tensors.DTYPES)),
+    size=st.integers(0, 300),
+    bad=st.lists(st.tuples(st.integers(0, 299), st.sampled_from([math.nan, math.inf, -math.inf])), max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_all_finite_agrees_with_torch_for_every_wire_dtype(dtype, size, bad, seed):
+    """The bytes check a coordinator runs on every answer: the same verdict as torch.isfinite,
+    for NaN and both infinities, including bfloat16 (whose bits numpy reads as integers)."""
+    t = (torch.randn(size, generator=torch.Generator().manual_seed(seed)) * 1e3).to(tensors.DTYPES[dtype])
+    for i, value in bad:
+        if i < size:
+            t[i] = value
+    _, _, data = tensors.payload(t)
+    assert tensors.all_finite(data, t.dtype) == bool(torch.isfinite(t).all())

@@ -6,6 +6,8 @@ A toy layer (top-2 of 8 experts, hidden 64) with every expert on one peer, so on
 makes exactly one Forward. For each call it splits the layer call's time into the part on
 this side around the RPC (gate, grouping, planning, scatter, the thread hop), the RPC
 (sealing, the wire, the peer, opening) and the peer's own compute, as the peer reports it.
+On loopback it then measures the floor in the same run: a bare gRPC echo of a message of
+the request's size, through the same threads and processes (coordinator/bench/grpc_echo.py).
 `--profile N` prints the N costliest functions of the coordinator's two threads (the caller
 and the I/O loop), by their own CPU time, over the timed calls.
 """
@@ -15,12 +17,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from coordinator.bench.grpc_echo import round_trip_ms
 from coordinator.bench.harness import remote_layer, toy_swarm
 from protos.toy_model import ToyConfig
 
@@ -55,10 +60,16 @@ def _stop(client, caller: cProfile.Profile, loop_side: cProfile.Profile, top: in
     return out.getvalue()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(calls: int, rtt_ms: float, profile: int) -> dict:
     config = ToyConfig(num_layers=1, num_experts=8, hidden_dim=64, ffn_dim=128, top_k=2)
     with toy_swarm(config, rtt_ms=rtt_ms) as bench:
-        bench.start_peer("--threads", "1")
+        peer = bench.start_peer("--threads", "1").popen.pid
         with bench.client() as client:
             client.wait_for_experts()
             layer = remote_layer(bench.ckpt, client)
@@ -70,14 +81,19 @@ def run(calls: int, rtt_ms: float, profile: int) -> dict:
                 first = (len(stats.layer_ms.get(0, [])), len(stats.rpc_ms), len(stats.peer_compute_ms))
                 walls = []
                 profilers = _profiles(client) if profile else None
+                pids = (os.getpid(), peer)
+                cpu = [_cpu_s(pid) for pid in pids]
                 for _ in range(calls):
                     started = time.perf_counter()
                     layer(x)
                     walls.append((time.perf_counter() - started) * 1e3)
+                cpu = [(_cpu_s(pid) - before) * 1e3 / calls for pid, before in zip(pids, cpu, strict=True)]
                 text = _stop(client, *profilers, profile) if profilers else ""
             layer_ms = stats.layer_ms[0][first[0] :]
             rpc_ms = stats.rpc_ms[first[1] :]
             peer_ms = stats.peer_compute_ms[first[2] :]
+        # the same hops with nothing of ours in them: a request's rows, its headers, tag and receipt
+        bare_ms = round_trip_ms(bench.swarm, config.top_k * config.hidden_dim * 4 + 256, calls) if not rtt_ms else None
     result = {
         "rtt_ms": rtt_ms,
         "calls": calls,
@@ -89,6 +105,11 @@ def run(calls: int, rtt_ms: float, profile: int) -> dict:
     result["around_dispatch_ms"] = result["step_ms"] - result["dispatch_ms"]  # gate, combine, thread hop
     result["around_rpc_ms"] = result["dispatch_ms"] - result["rpc_ms"]  # grouping, planning, scatter
     result["wire_and_peer_service_ms"] = result["rpc_ms"] - result["peer_compute_ms"] - rtt_ms
+    if bare_ms is not None:  # on loopback: the floor measured in this run, and what we add to it
+        result["bare_grpc_round_trip_ms"] = bare_ms
+        result["above_bare_grpc_ms"] = result["step_ms"] - bare_ms
+    # CPU time per call of each process (all threads): what our work costs, less noisy than wall time
+    result["coordinator_cpu_ms"], result["peer_cpu_ms"] = cpu
     result["profile"] = text
     return result
 

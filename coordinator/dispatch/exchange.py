@@ -88,10 +88,8 @@ class Exchange:
         sent = sealed.build_request(call.segments, rows, timeout, keys, counter)
         loop = asyncio.get_running_loop()
         written = loop.create_future()
-        rpc = asyncio.ensure_future(
-            self.channels.forward(
-                replica.record.route, sent.request, sent.plaintext.nbytes, timeout, written, replica.record.reach
-            )
+        rpc = self.channels.forward(
+            replica.record.route, sent.request, sent.plaintext.nbytes, timeout, written, replica.record.reach
         )
         rpc.add_done_callback(lambda _: written.done() or written.set_result(None))  # failed before writing
         try:
@@ -115,7 +113,7 @@ class Exchange:
         ms = (time.perf_counter() - started) * 1e3
         out, plain = sealed.open_payload(sent, response)
         self.stats.record_peer_compute(response.compute_ms)
-        if not bool(torch.isfinite(out).all()):  # NaN or inf: wrong whatever the receipt says
+        if not tensors.all_finite(plain, out.dtype):  # NaN or inf: wrong whatever the receipt says
             self.stats.record_nonfinite()
             raise EnvelopeError("answered with non-finite values (NaN or inf)")
         proof = Proof(replica, sent, response, plain)

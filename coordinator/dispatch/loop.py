@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Coroutine
@@ -30,15 +31,35 @@ class LoopThread:
         self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine on the loop and wait for its result from the calling thread."""
+        """Run a coroutine on the loop and wait for its result from the calling thread.
+
+        One lock carries the hand-back (a layer call's round trip is two thread wake-ups, and
+        a concurrent.futures.Future adds a condition and a chained callback to each)."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("LoopThread.run called from its own loop: await the coroutine instead")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        done = threading.Lock()
+        done.acquire()
+        started: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = self.loop.create_task(coro)
+            started.append(task)
+            task.add_done_callback(lambda _: done.release())
+
         try:
-            return future.result(timeout)
-        except BaseException:  # a timeout or Ctrl-C in the caller: the work it waited for stops too
-            future.cancel()
+            self.loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop is closed
+            coro.close()
             raise
+        try:
+            if not done.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError(f"gave up after {timeout} s")
+        except BaseException:  # a timeout or Ctrl-C in the caller: the work it waited for stops too
+            self.loop.call_soon_threadsafe(lambda: started and started[0].cancel())
+            raise
+        if started[0].cancelled():  # close() cancelled it: what a concurrent future would raise
+            raise concurrent.futures.CancelledError()
+        return started[0].result()
 
     async def _cancel_all(self) -> None:
         """Cancel what is still running (hedges, spot checks, a call the caller gave up on) and let

@@ -111,23 +111,27 @@ class PeerStream:
                     future.set_exception(error)
             pending.clear()
 
-    async def forward(
+    def forward(
         self, request: pb.ForwardRequest, timeout: float, sent: asyncio.Future | None = None
-    ) -> pb.ForwardResponse:
-        """The answer to `request`; `sent` (if given) resolves once the request is written."""
+    ) -> asyncio.Future[pb.ForwardResponse]:
+        """The future answer to `request`; `sent` (if given) resolves once the request is written.
+        Cancelling the future gives up on the request: the peer is told to drop it."""
         outbox, pending = self._open()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        pending[request.request_id] = future
+        future = asyncio.get_running_loop().create_future()
+        request_id = request.request_id
+        pending[request_id] = future
         outbox.put_nowait((request, sent))
-        # a timer instead of asyncio.wait_for: no wrapper future or extra callbacks per call
-        timer = loop.call_later(timeout, _expire, future)
-        try:
-            return await future
-        finally:
+        # a timer instead of asyncio.wait_for, and a done callback instead of a task around the
+        # wait: the answer wakes its caller directly
+        timer = future.get_loop().call_later(timeout, _expire, future)
+
+        def settled(_: asyncio.Future) -> None:
             timer.cancel()
-            if pending.pop(request.request_id, None) is not None:  # unanswered: timed out or cancelled
-                outbox.put_nowait((pb.ForwardRequest(request_id=request.request_id, cancel=True), None))
+            if pending.pop(request_id, None) is not None:  # unanswered: timed out or cancelled
+                outbox.put_nowait((pb.ForwardRequest(request_id=request_id, cancel=True), None))
+
+        future.add_done_callback(settled)
+        return future
 
     async def close(self) -> None:
         """End the stream and wait for its reader: nothing of it may outlive the client (a gRPC
@@ -172,7 +176,7 @@ class Channels:
             stub = self._relayed[reach.route] = RelayedStub(self.link, reach, self.max_message_bytes)
         return stub
 
-    async def forward(
+    def forward(
         self,
         endpoint: str,
         request: pb.ForwardRequest,
@@ -180,21 +184,22 @@ class Channels:
         timeout: float,
         sent: asyncio.Future | None = None,
         reach: Reach | None = None,
-    ) -> pb.ForwardResponse:
-        """One Forward: small ones on the peer's stream (no per-call setup), big ones unary (over
-        relays, all on the stream). `sent` (if given) resolves once the request is on its way:
-        work the caller does then overlaps the network and the peer."""
+    ) -> asyncio.Future[pb.ForwardResponse]:
+        """One Forward, as a future (cancel it to give up): small ones on the peer's stream (no
+        per-call setup), big ones unary (over relays, all on the stream). `sent` (if given)
+        resolves once the request is on its way: work the caller does then overlaps the network
+        and the peer."""
         if reach is not None:
             endpoint = reach.route
         elif nbytes > STREAM_MAX_BYTES:
-            call = self.stub(endpoint).Forward(request, timeout=timeout)
+            call = asyncio.ensure_future(self.stub(endpoint).Forward(request, timeout=timeout))
             if sent is not None:  # the call's task, scheduled at its creation, sends first
                 asyncio.get_running_loop().call_soon(_resolve, sent)
-            return await call
+            return call
         stream = self._streams.get(endpoint)
         if stream is None:
             stream = self._streams[endpoint] = PeerStream(self.stub(endpoint, reach))
-        return await stream.forward(request, timeout, sent)
+        return stream.forward(request, timeout, sent)
 
     async def close(self) -> None:
         for stream in self._streams.values():

@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.dispatch import sealed
@@ -18,6 +22,10 @@ from protos import expert_service_pb2 as pb
 from protos.envelope import EnvelopeError
 
 log = logging.getLogger(__name__)
+
+RECEIPT_CHECK_PERIOD_S = 0.01  # how often the verifier thread looks for receipts to check
+VERIFIER_IDLE_EXIT_S = 2.0  # it leaves after this long with nothing to check (the next call starts it again)
+MAX_UNCHECKED = 1024  # receipts waiting for it; past this the loop checks the oldest itself
 
 # evidence keeps the plaintexts its receipts commit to up to this size per call (both sides
 # together); a bigger call's evidence keeps the digests, headers and signatures only
@@ -95,31 +103,54 @@ class Proof:
 
 
 class DeferredReceipts:
-    """Receipts of sealed answers, checked off the layer call's critical path; a bad one bans its peer."""
+    """Receipts of sealed answers, verified on a thread of their own: an Ed25519 verification
+    (~0.1 ms) releases the GIL, so neither the layer call nor the event loop waits for it. A
+    bad one bans its peer, on the loop's thread (where health and stats live)."""
 
     def __init__(self, health: HealthCache, stats: DispatchStats) -> None:
         self.health = health
         self.stats = stats
-        self.pending: list[Proof] = []
+        self.pending: deque[Proof] = deque()  # appended on the loop's thread, taken by the verifier
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._verifier: threading.Thread | None = None
+        self._lock = threading.Lock()  # the verifier's start and exit
 
     def add(self, item: Proof) -> None:
         self.pending.append(item)
+        if len(self.pending) > MAX_UNCHECKED:  # the verifier fell behind: check here, memory stays bounded
+            self._check(self.pending.popleft(), self.punish)
 
     def check_later(self) -> None:
-        """Check the receipts of answers used so far once the running layer call has returned:
-        this hop queues the check behind the call's completion callbacks, which hand its
-        result to the caller's thread."""
-        if self.pending:
-            pending, self.pending = self.pending, []
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, self._check, pending)
+        """Have what was added checked soon (within RECEIPT_CHECK_PERIOD_S, CPU permitting)."""
+        if self._verifier is None and self.pending:
+            with self._lock:
+                if self._verifier is None:
+                    self._loop = asyncio.get_running_loop()
+                    self._verifier = threading.Thread(target=self._run, name="moe-swarm-receipts", daemon=True)
+                    self._verifier.start()
 
-    def _check(self, pending: list[Proof]) -> None:
-        for item in pending:
-            try:
-                item.receipt()
-            except EnvelopeError as e:
-                self.punish(item, e)
+    def _run(self) -> None:
+        """Wakes on its own clock (nobody pays a wake-up per call); leaves once idle for a while."""
+        loop, idle = self._loop, 0.0
+        while True:
+            time.sleep(RECEIPT_CHECK_PERIOD_S)
+            if not self.pending:
+                idle += RECEIPT_CHECK_PERIOD_S
+                with self._lock:
+                    if idle >= VERIFIER_IDLE_EXIT_S and not self.pending:
+                        self._verifier = None
+                        return
+                continue
+            idle = 0.0
+            while self.pending:
+                self._check(self.pending.popleft(), lambda item, e: loop.call_soon_threadsafe(self.punish, item, e))
+
+    @staticmethod
+    def _check(item: Proof, punish: Callable[[Proof, EnvelopeError], None]) -> None:
+        try:
+            item.receipt()
+        except EnvelopeError as e:
+            punish(item, e)
 
     def punish(self, item: Proof, error: EnvelopeError) -> None:
         peer = item.peer_id
