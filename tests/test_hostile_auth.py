@@ -7,6 +7,7 @@ import asyncio
 import functools
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -161,6 +162,10 @@ def test_the_dial_back_dials_only_the_requesters_own_address_and_says_only_yes_o
         for _ in range(3):  # someone else's host: refused at once (a dial would answer CLOSED after 3 s)
             assert ask("192.0.2.1:22") == (False, reachability.NOT_YOURS)
         assert ask(f"127.0.0.1:{mine.getsockname()[1]}") == (True, "")
+        # the kernel completes the dial-back's handshake before our thread accepts it
+        deadline = time.monotonic() + 10
+        while not mine_accepted and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert mine_accepted == ["127.0.0.1"]
         with socket.socket() as s:  # a port nobody listens on
             s.bind(("127.0.0.1", 0))
