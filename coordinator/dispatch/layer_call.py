@@ -214,15 +214,18 @@ class LayerCall:
 
     async def abandon_inflight(self) -> None:
         """Cancel the losers of a hedge, or calls past the deadline; each peer counts as at least
-        that slow, and one that never answered anything is banned (with backoff): a peer that
-        accepts calls and never answers costs each layer call one hedge delay, once per ban."""
+        that slow. A peer that never answered anything is banned (with backoff) when its call
+        cost this one time, i.e. it was hedged or ran into the deadline: a peer that accepts
+        calls and never answers costs each layer call one hedge delay, once per ban. A hedge
+        duplicate that the original call beat cost nothing and says nothing about its peer
+        (banning it would keep a new replica untried, and out of reach when it is the last)."""
         now = self.loop.time()
         for task, call in self.inflight.items():
             task.cancel()
             health = self.health.get(call.replica.peer_id)
             health.inflight_rows -= call.rows
             health.outpaced((now - self.sent_at[task]) * 1e3)
-            if not health.answered:
+            if not health.answered and (task in self.hedged or now >= self.deadline):
                 self.health.fail(call.replica.peer_id)
         await asyncio.gather(*self.inflight, return_exceptions=True)
 

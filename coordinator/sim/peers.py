@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.sim.local_swarm import LaunchError, LocalSwarm, Process
 from coordinator.sim.schedule import FaultEvent, PeerPlan, load_schedule, make_schedule, parse_weights, plan_peers
 from coordinator.sim.workload import Workload
 
-SETTLE_S = 2.0  # > the coordinators' DHT refresh period (1 s) plus an announcement's propagation
+# (expert uid, peer id) -> every coordinator would send that peer work for that expert now
+Usable = Callable[[str, str], bool]
 PEER_FLAGS = ["--threads", "1", "--drain-timeout", "2"]
 
 
@@ -25,7 +27,6 @@ class SimPeer:
     uptime_s: float = 0.0
     restarts: int = 0
     joined_at: float = 0.0
-    ready_at: float = 0.0  # monotonic time its current incarnation became ready
     experts: set[str] = field(default_factory=set)  # uids its current incarnation serves
     peer_ids: list[str] = field(default_factory=list)  # one per incarnation
 
@@ -49,6 +50,7 @@ class Simulation:
         self.peer_timeline: list[tuple[float, int]] = []
         self.t0 = time.monotonic()
         self.setup_s = 0.0  # checkpoint, peers and coordinators up, before the load started
+        self.usable: Usable = lambda uid, peer_id: True  # the coordinators' say, once they exist
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -101,7 +103,6 @@ class Simulation:
                     peer.peer_ids.append(info["peer_id"])
                     for uid in peer.experts:
                         self.hosted_ever.setdefault(uid, set()).add(peer.plan.name)
-                    peer.ready_at = time.monotonic()
                     self._set(peer, "up")
                     self.log("ready", peer.plan.name, pid=peer.proc.pid)
         now = time.monotonic()
@@ -126,12 +127,15 @@ class Simulation:
     def last_replica_of(self, victim: SimPeer) -> str | None:
         """An expert that only `victim` serves now although other peers served it before, if any.
 
-        A replica counts once it has been up for SETTLE_S: coordinators must have seen its
-        announcement, or taking the victim down would leave them no replica they know of."""
-        settled = time.monotonic() - SETTLE_S
+        A replica counts once the coordinators would use it (`usable`: in their swarm views and
+        not banned there): one that is up but not yet seen leaves them no replica they know of."""
+
+        def serves(o: SimPeer, uid: str) -> bool:
+            return o.state == "up" and uid in o.experts and self.usable(uid, o.peer_ids[-1])
+
         for uid in sorted(victim.experts):
             others = [self.peers[o] for o in self.hosted_ever.get(uid, set()) - {victim.plan.name}]
-            if others and not any(o.state == "up" and o.ready_at <= settled and uid in o.experts for o in others):
+            if others and not any(serves(o, uid) for o in others):
                 return uid
         return None
 

@@ -145,6 +145,7 @@ def _run(args: argparse.Namespace, swarm: LocalSwarm, console: Console) -> dict:
             client.wait_for_experts(timeout=60)
             threads.append(LoadThread(i, client, workload.make_runner(client), workload.check, 0.0, args.rate))
         console.print(f"swarm up and {len(clients)} coordinator(s) ready in {time.monotonic() - started:.1f}s")
+        sim.usable = lambda uid, peer_id: all(_usable(c, uid, peer_id) for c in clients)
         sim.setup_s = time.monotonic() - started
         return _drive(args, sim, schedule, clients, threads, console)
     finally:
@@ -219,6 +220,14 @@ def _apply_due(
         elif sim.now() - deferred_since.setdefault(id(event), sim.now()) > args.max_defer:
             sim.log("skipped", event.peer, f"{event.action}: would take the last replica", event.at)
             pending.remove(event)
+
+
+def _usable(client: SwarmClient, uid: str, peer_id: str) -> bool:
+    """`client` would send `peer_id` work for `uid` now: its swarm view lists it and it is not banned.
+    (Read from the simulator's thread: the view is swapped whole, and the ban is one dict read.)"""
+    dispatcher = client.dispatcher
+    listed = any(r.peer_id == peer_id for r in dispatcher.swarm.replicas(uid))
+    return listed and not dispatcher.health.banned(peer_id)
 
 
 def _records(threads: list[LoadThread]) -> list[RequestRecord]:
