@@ -7,13 +7,13 @@ import argparse
 import dataclasses
 import json
 import typing
-from collections import Counter
+from collections import Counter, deque
 from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
 
-from coordinator.dispatch.stats import DispatchStats
+from coordinator.dispatch.stats import SAMPLES_KEPT, DispatchStats
 from coordinator.ops.report import counts_line
 from coordinator.sim.peers import Simulation
 from coordinator.sim.report import build_report, live_view, print_report
@@ -30,10 +30,12 @@ def sample_value(name: str, hint: object, n: int) -> object:
         return 10 * n + len(name)
     if origin is list:
         return [{"from": name, "n": n}] if args == (dict,) else [float(n), n + 0.5]
+    if origin is deque:
+        return deque([float(n), n + 0.5], maxlen=SAMPLES_KEPT)
     if origin is Counter:
         return Counter({f"peer-{n}": n + 1, "shared": 2})
-    if origin is dict and typing.get_origin(args[1]) is list:
-        return {n: [float(n)], 99: [0.25]}
+    if origin is dict and typing.get_origin(args[1]) is deque:
+        return {n: deque([float(n)], maxlen=SAMPLES_KEPT), 99: deque([0.25], maxlen=SAMPLES_KEPT)}
     if origin is dict and args == (str, str):
         return {f"peer-{n}": f"127.0.0.1:{n}", "shared": f"host-{n}:1"}
     raise AssertionError(f"no sample value for field {name}: {hint}: teach this test (and DispatchStats.merge)")
@@ -57,12 +59,12 @@ def test_merge_keeps_every_field():
     for f in dataclasses.fields(DispatchStats):
         got, x, y = getattr(total, f.name), getattr(a, f.name), getattr(b, f.name)
         origin = typing.get_origin(hints[f.name]) or hints[f.name]
-        if origin in (int, list, Counter):  # sums, concatenations, counts added
+        if origin in (int, list, deque, Counter):  # sums, concatenations, counts added
             assert got == x + y, f.name
         elif typing.get_args(hints[f.name]) == (str, str):
             assert got == {**x, **y}, f.name  # the later stats win for a key both have
         else:
-            assert got == {k: x.get(k, []) + y.get(k, []) for k in {*x, *y}}, f.name
+            assert {k: list(v) for k, v in got.items()} == {k: [*x.get(k, ()), *y.get(k, ())] for k in {*x, *y}}
     assert (dataclasses.asdict(a), dataclasses.asdict(b)) == before  # the inputs are unchanged
     total.rpc_ms.append(1.0)
     total.layer_ms[99].append(1.0)
@@ -92,10 +94,26 @@ def test_recording_counts_every_routed_slot():
     s.record_failure(refused=False, retried=1)
     s.record_bad_receipt()
     s.record_layer(layer=3, routed=10, rerouted=2, dropped=1, ms=7.0)
-    assert (s.rpcs, s.rpc_ms, s.rows_by_peer["p1"], s.endpoints) == (2, [2.0, 3.0], 8, {"p1": "127.0.0.1:1"})
+    assert (s.rpcs, list(s.rpc_ms), s.rows_by_peer["p1"], s.endpoints) == (2, [2.0, 3.0], 8, {"p1": "127.0.0.1:1"})
     assert (s.refusals, s.bans, s.retries, s.bad_receipts) == (1, 2, 3, 1)
     assert (s.layer_calls, s.routed, s.exact, s.rerouted, s.dropped) == (1, 10, 7, 2, 1)
-    assert s.layer_ms == {3: [7.0]}
+    assert {k: list(v) for k, v in s.layer_ms.items()} == {3: [7.0]} and s.calls_by_layer == {3: 1}
+
+
+def test_latency_samples_are_a_bounded_window_and_merging_keeps_every_window():
+    a, b = DispatchStats(), DispatchStats()
+    for i in range(SAMPLES_KEPT + 10):
+        a.record_layer(layer=0, routed=2, rerouted=0, dropped=0, ms=float(i))
+        a.record_rpc("p", "127.0.0.1:1", rows=2, ms=float(i))
+        a.record_peer_compute(float(i))
+    b.record_layer(layer=0, routed=2, rerouted=0, dropped=0, ms=-1.0)
+    for series in (a.layer_ms[0], a.rpc_ms, a.peer_compute_ms):
+        assert list(series) == [float(i) for i in range(10, SAMPLES_KEPT + 10)]  # the most recent ones
+    assert a.layer_calls == a.calls_by_layer[0] == a.rpcs == SAMPLES_KEPT + 10  # the counts stay whole
+    total = DispatchStats.merge([a, b])
+    assert len(total.layer_ms[0]) == SAMPLES_KEPT + 1 and total.calls_by_layer[0] == SAMPLES_KEPT + 11
+    a.clear_samples()  # a benchmark's warm-up is over
+    assert not a.rpc_ms and not a.peer_compute_ms and not a.layer_ms[0] and a.rpcs == SAMPLES_KEPT + 10
 
 
 def test_simulation_report_shows_verification_counts():

@@ -21,6 +21,7 @@ import os
 import pstats
 import statistics
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from coordinator.bench.harness import remote_layer, toy_swarm
 from protos.toy_model import ToyConfig
 
 
-def _median(values: list[float]) -> float:
+def _median(values: Collection[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
@@ -78,7 +79,7 @@ def run(calls: int, rtt_ms: float, profile: int) -> dict:
             with torch.inference_mode():
                 for _ in range(30):  # warm-up: channel, stream, session, allocator
                     layer(x)
-                first = (len(stats.layer_ms.get(0, [])), len(stats.rpc_ms), len(stats.peer_compute_ms))
+                stats.clear_samples()
                 walls = []
                 profilers = _profiles(client) if profile else None
                 pids = (os.getpid(), peer)
@@ -89,9 +90,7 @@ def run(calls: int, rtt_ms: float, profile: int) -> dict:
                     walls.append((time.perf_counter() - started) * 1e3)
                 cpu = [(_cpu_s(pid) - before) * 1e3 / calls for pid, before in zip(pids, cpu, strict=True)]
                 text = _stop(client, *profilers, profile) if profilers else ""
-            layer_ms = stats.layer_ms[0][first[0] :]
-            rpc_ms = stats.rpc_ms[first[1] :]
-            peer_ms = stats.peer_compute_ms[first[2] :]
+            layer_ms, rpc_ms, peer_ms = stats.layer_ms[0], stats.rpc_ms, stats.peer_compute_ms  # the last SAMPLES_KEPT
         # the same hops with nothing of ours in them: a request's rows, its headers, tag and receipt
         bare_ms = round_trip_ms(bench.swarm, config.top_k * config.hidden_dim * 4 + 256, calls) if not rtt_ms else None
     result = {

@@ -122,7 +122,7 @@ def _alternate(
 ) -> _Timed:
     """The timed calls: per round, a block of ours, one in-process, one of hivemind's."""
     timed = _Timed()
-    reported = len(client.dispatcher.stats.peer_compute_ms)
+    client.dispatcher.stats.clear_samples()
     blocks = zip(spread(args.repeats, args.rounds), spread(args.hivemind_repeats, args.rounds), strict=True)
     for ours_n, theirs_n in blocks:
         cpu = client.io.run(_thread_cpu_s())
@@ -134,7 +134,7 @@ def _alternate(
             their_block = time_calls(lambda: theirs(x), theirs_n, warmup=0)
             timed.hivemind += their_block
             timed.speedups.append(statistics.median(their_block) / statistics.median(block))
-    timed.peer_compute_ms = statistics.median(client.dispatcher.stats.peer_compute_ms[reported:])
+    timed.peer_compute_ms = statistics.median(client.dispatcher.stats.peer_compute_ms)
     return timed
 
 

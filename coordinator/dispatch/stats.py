@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Collection[float], q: float) -> float:
     """q in [0, 100], linear interpolation; NaN for no values."""
     if not values:
         return float("nan")
@@ -22,6 +22,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 MAX_EVIDENCE_KEPT = 64  # convictions whose evidence stays in memory (the trust store keeps its own files)
+# Latency samples kept per series (RPCs, each layer, peer compute): percentiles describe the
+# most recent calls, and a gateway that answers for weeks holds 4096 floats per series, not
+# every call it ever made (about 100 MB an hour at a thousand layer calls a second).
+SAMPLES_KEPT = 4096
+
+
+def samples() -> deque[float]:
+    return deque(maxlen=SAMPLES_KEPT)
 
 
 @dataclass
@@ -48,9 +56,10 @@ class DispatchStats:
     cheaters_banned: int = 0
     banned_at_start: int = 0  # peers banned by earlier runs (the trust store), still banned
     evidence: list[dict] = field(default_factory=list)  # signed receipts of each proven-wrong answer
-    rpc_ms: list[float] = field(default_factory=list)
-    layer_ms: dict[int, list[float]] = field(default_factory=dict)  # whole layer calls, by layer
-    peer_compute_ms: list[float] = field(default_factory=list)  # as reported by the peers
+    rpc_ms: deque[float] = field(default_factory=samples)
+    layer_ms: dict[int, deque[float]] = field(default_factory=dict)  # whole layer calls, by layer
+    calls_by_layer: Counter[int] = field(default_factory=Counter)  # every call (layer_ms keeps the recent ones)
+    peer_compute_ms: deque[float] = field(default_factory=samples)  # as reported by the peers
     rpcs_by_peer: Counter[str] = field(default_factory=Counter)
     rows_by_peer: Counter[str] = field(default_factory=Counter)
     endpoints: dict[str, str] = field(default_factory=dict)  # peer id -> endpoint it was reached at
@@ -114,7 +123,15 @@ class DispatchStats:
         self.exact += routed - dropped - rerouted
         self.rerouted += rerouted
         self.dropped += dropped
-        self.layer_ms.setdefault(layer, []).append(ms)
+        self.calls_by_layer[layer] += 1
+        if layer not in self.layer_ms:
+            self.layer_ms[layer] = samples()
+        self.layer_ms[layer].append(ms)
+
+    def clear_samples(self) -> None:
+        """Forget the latency samples, keep the counts: a benchmark's warm-up is over."""
+        for series in (self.rpc_ms, self.peer_compute_ms, *self.layer_ms.values()):
+            series.clear()
 
     # ---- combining ---------------------------------------------------------------------------
     @classmethod
@@ -139,10 +156,19 @@ def _extend(total: DispatchStats, name: str, value: list) -> None:
     getattr(total, name).extend(value)
 
 
-def _extend_per_key(total: DispatchStats, name: str, value: dict[typing.Any, list]) -> None:
+def _joined(a: deque, b: deque) -> deque:
+    """Both windows whole: a merged snapshot holds every input's recent samples."""
+    return deque([*a, *b], maxlen=None if a.maxlen is None or b.maxlen is None else a.maxlen + b.maxlen)
+
+
+def _join(total: DispatchStats, name: str, value: deque) -> None:
+    setattr(total, name, _joined(getattr(total, name), value))
+
+
+def _join_per_key(total: DispatchStats, name: str, value: dict[typing.Any, deque]) -> None:
     merged = getattr(total, name)
     for key, items in value.items():
-        merged.setdefault(key, []).extend(items)
+        merged[key] = _joined(merged.get(key, deque(maxlen=0)), items)
 
 
 def _count(total: DispatchStats, name: str, value: Counter) -> None:
@@ -165,10 +191,12 @@ def _merge_rules(cls: type[DispatchStats]) -> dict[str, Rule]:
             rules[f.name] = _add
         elif origin is list:
             rules[f.name] = _extend
+        elif origin is deque:
+            rules[f.name] = _join
         elif origin is Counter:
             rules[f.name] = _count
-        elif origin is dict and len(args) == 2 and typing.get_origin(args[1]) is list:
-            rules[f.name] = _extend_per_key
+        elif origin is dict and len(args) == 2 and typing.get_origin(args[1]) is deque:
+            rules[f.name] = _join_per_key
         elif origin is dict and args == (str, str):
             rules[f.name] = _overwrite
         else:

@@ -45,8 +45,7 @@ class DispatchCollector(Collector):
         latency = GaugeMetricFamily(
             "moe_swarm_layer_ms", "layer-call latency over the recent calls (ms)", labels=["layer", "quantile"]
         )
-        for layer, times in sorted(s.layer_ms.items()):
-            recent = times[-1024:]
+        for layer, recent in sorted(s.layer_ms.items()):
             for q in (50, 95, 99):
                 latency.add_metric([str(layer), f"0.{q}"], percentile(recent, q))
         yield latency

@@ -39,9 +39,10 @@ def latency_table(stats: DispatchStats) -> Table:
         table.add_column(col, justify="right")
     for layer in sorted(stats.layer_ms):
         ms = stats.layer_ms[layer]
-        table.add_row(str(layer), str(len(ms)), *(f"{percentile(ms, q):.2f}" for q in (50, 95, 99)))
+        calls = stats.calls_by_layer[layer]
+        table.add_row(str(layer), str(calls), *(f"{percentile(ms, q):.2f}" for q in (50, 95, 99)))
     rpc = stats.rpc_ms
-    table.add_row("RPCs", str(len(rpc)), *(f"{percentile(rpc, q):.2f}" for q in (50, 95, 99)))
+    table.add_row("RPCs", str(stats.rpcs), *(f"{percentile(rpc, q):.2f}" for q in (50, 95, 99)))
     return table
 
 
