@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: demo test test-fast lint protos bench-layer clean chromium
 
 # the first run downloads a few hundred MB: say what it is doing instead of sitting silent
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(BIN)/python || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@echo "==> installing into $(VENV): pip, $(TORCH), then moe-swarm with its extras (first run: a few minutes)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,hf,sim,api]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,hf,sim,api]'
 	@touch $(STAMP)
 	@echo "==> $(VENV) is ready (activate it with: . $(VENV)/bin/activate)"
 

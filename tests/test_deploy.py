@@ -91,8 +91,9 @@ def test_dockerfiles(name, index, monkeypatch, capsys):
     runs = [rest for op, rest in ins if op == "RUN"]
     torch_install = next(r for r in runs if "torch==" in r)
     assert '--index-url "${TORCH_INDEX}"' in torch_install and '"torch==${TORCH_VERSION}"' in torch_install
-    # torch is installed before the package, so pip keeps that build
-    assert runs.index(torch_install) < next(i for i, r in enumerate(runs) if 'pip install ".[hf]"' in r)
+    # torch is installed before the package, so pip keeps that build; the rest at the tested versions
+    package_install = next(i for i, r in enumerate(runs) if 'pip install -c constraints.txt ".[hf]"' in r)
+    assert runs.index(torch_install) < package_install
     for op, rest in ins:
         if op == "COPY":
             *sources, _ = rest.split()

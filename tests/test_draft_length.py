@@ -39,6 +39,15 @@ def test_a_draft_that_is_never_right_is_switched_off():
     assert sum(1 for k in lengths[30:] if k > 0) <= 2  # only sparse probes, each gap twice the last
 
 
+def test_a_draft_missed_twice_is_off_even_when_an_extra_token_costs_nothing():
+    # loopback with a tiny model: verifying two tokens costs what one does, give or take noise
+    for seed in range(8):
+        c, noisy = DraftLength(max_tokens=8), random.Random(seed)
+        lengths = feed(c, 60, accept=0.0, cost_ms=lambda n, noisy=noisy: 2.0 * noisy.uniform(0.9, 1.1))
+        # the first pass drafts one token (nothing is measured yet), then only probes, each gap twice the last
+        assert [i for i, k in enumerate(lengths) if k > 0] == [0, 4, 12, 28], seed
+
+
 def test_a_good_draft_on_a_long_link_drafts_long():
     c = DraftLength(max_tokens=8)
     feed(c, 30, accept=1.0, cost_ms=lambda n: 400.0 + 1.0 * n)  # 8 layers x 50 ms: extra tokens nearly free

@@ -83,8 +83,10 @@ class DraftLength:
     max_tokens: int = 8
     margin: float = 0.05  # drafting must beat plain decoding by this fraction (noise in the measurements)
     slope_prior: float = 0.05  # before two lengths are measured, each extra token is assumed to cost 5% of c(1)
-    prior_accept: float = 0.25  # pseudo-counts: a neutral start that the first few passes overrule
-    prior_reject: float = 0.25
+    # pseudo-counts: a neutral start that two misses outweigh, so a draft that never agrees
+    # cannot look worth even one token however cheap the extra token is (c(2) >= c(1))
+    prior_accept: float = 0.1
+    prior_reject: float = 0.1
     decay: float = 0.95  # past passes fade: acceptance changes along a text
     probe_gap_max: int = 64
     costs: PassCosts = field(default_factory=PassCosts)

@@ -88,6 +88,11 @@ class AdaptiveCandidates(CandidateGenerator):
         self._before: tuple = ()
         self._started = 0.0
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens one pass drafts: generate keeps that many steps of a recurrent cache."""
+        return self.controller.max_tokens
+
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any) -> tuple[torch.LongTensor, Any]:
         budget = self.max_length - input_ids.shape[1] - 1
         # the prompt's pass drafts nothing: its cost (the prefill) says nothing about decoding
