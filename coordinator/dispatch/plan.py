@@ -70,12 +70,13 @@ class Planner:
         """Answered before: in this process, or verified in an earlier run (the trust store)."""
         return self.health.get(peer).answered > 0 or self.trust.history(peer) > 0
 
+    def candidates(self, uid: str, exclude: set[str] = frozenset()) -> list[Replica]:
+        """Replicas of `uid` that may get work now: in the swarm view, not banned, not in `exclude`."""
+        return [r for r in self.swarm.replicas(uid) if r.peer_id not in exclude and not self.health.banned(r.peer_id)]
+
     def usable(self, uid: str) -> bool:
         """Some replica of `uid` is not banned and has shown it answers (a probe or a call)."""
-        return any(
-            not self.health.banned(r.peer_id) and (self.health.get(r.peer_id).reachable or self.proven(r.peer_id))
-            for r in self.swarm.replicas(uid)
-        )
+        return any(self.health.get(r.peer_id).reachable or self.proven(r.peer_id) for r in self.candidates(uid))
 
     def choose(
         self,
@@ -90,9 +91,7 @@ class Planner:
         occasional exploration (EXPLORE_SHARE), and at most MAX_UNTRIED_PER_CALL distinct ones
         per layer call (`newcomers`, the call's record of them). A verifier is one of the
         replicas with the longest verified history."""
-        replicas = [
-            r for r in self.swarm.replicas(uid) if r.peer_id not in exclude and not self.health.banned(r.peer_id)
-        ]
+        replicas = self.candidates(uid, exclude)
         if verifier and replicas:
             longest = max(self.trust.history(r.peer_id) for r in replicas)
             replicas = [r for r in replicas if self.trust.history(r.peer_id) == longest]

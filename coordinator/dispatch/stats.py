@@ -36,7 +36,6 @@ def samples() -> deque[float]:
 class DispatchStats:
     """Counters over the life of a dispatcher; every routed (token, slot) is counted."""
 
-    layer_calls: int = 0
     rpcs: int = 0
     routed: int = 0
     exact: int = 0
@@ -63,6 +62,10 @@ class DispatchStats:
     rpcs_by_peer: Counter[str] = field(default_factory=Counter)
     rows_by_peer: Counter[str] = field(default_factory=Counter)
     endpoints: dict[str, str] = field(default_factory=dict)  # peer id -> endpoint it was reached at
+
+    @property
+    def layer_calls(self) -> int:
+        return sum(self.calls_by_layer.values())
 
     # ---- recording (the dispatcher's only way in) -------------------------------------------
     def record_rpc(self, peer: str, endpoint: str, rows: int, ms: float) -> None:
@@ -118,15 +121,15 @@ class DispatchStats:
 
     def record_layer(self, layer: int, routed: int, rerouted: int, dropped: int, ms: float) -> None:
         """A finished layer call: every routed (token, slot) is exact, rerouted or dropped."""
-        self.layer_calls += 1
         self.routed += routed
         self.exact += routed - dropped - rerouted
         self.rerouted += rerouted
         self.dropped += dropped
         self.calls_by_layer[layer] += 1
-        if layer not in self.layer_ms:
-            self.layer_ms[layer] = samples()
-        self.layer_ms[layer].append(ms)
+        series = self.layer_ms.get(layer)
+        if series is None:
+            series = self.layer_ms[layer] = samples()
+        series.append(ms)
 
     def clear_samples(self) -> None:
         """Forget the latency samples, keep the counts: a benchmark's warm-up is over."""

@@ -223,11 +223,9 @@ def _apply_due(
 
 
 def _usable(client: SwarmClient, uid: str, peer_id: str) -> bool:
-    """`client` would send `peer_id` work for `uid` now: its swarm view lists it and it is not banned.
-    (Read from the simulator's thread: the view is swapped whole, and the ban is one dict read.)"""
-    dispatcher = client.dispatcher
-    listed = any(r.peer_id == peer_id for r in dispatcher.swarm.replicas(uid))
-    return listed and not dispatcher.health.banned(peer_id)
+    """`client` would send `peer_id` work for `uid` now (read from the simulator's thread: the
+    view is swapped whole, and a ban is one dict read)."""
+    return any(r.peer_id == peer_id for r in client.dispatcher.planner.candidates(uid))
 
 
 def _records(threads: list[LoadThread]) -> list[RequestRecord]:
